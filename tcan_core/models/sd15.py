@@ -1,0 +1,307 @@
+"""SD1.5 base model: a single-file LDM checkpoint or a diffusers folder -> UNet, VAE, CLIP text.
+
+Works offline: the layer widths are read from the file's tensor shapes and the rest of each
+model's configuration comes from the SD1.5 configs shipped in ``configs/``. The key conversion
+from LDM names is diffusers' own; loading is strict and names every missing or unexpected key.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from .detect import CLIP_PREFIXES, SD15, UNET, VAE, Detection, _base_from_unet, detect_checkpoint, require_sd15
+from .errors import ModelFormatError, WrongBaseModelError
+from .state_dict import Shapes, load_state_dict_file, load_strict, read_shapes, shapes_of
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).with_name("configs")
+
+
+def shipped_config(name: str) -> dict:
+    """One of the SD1.5 configs shipped with the pack (``sd15_unet``, ``sd15_vae``, ...)."""
+    return json.loads((CONFIG_DIR / f"{name}.json").read_text())
+
+
+@dataclass
+class SD15Components:
+    """The three SD1.5 models the pack uses, with where they came from."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    source: str
+    detection: Detection
+    configs: dict = field(default_factory=dict)
+
+
+def _count(shapes: Shapes, pattern: str) -> int:
+    rx = re.compile(pattern)
+    return len({m.group(1) for k in shapes if (m := rx.match(k))})
+
+
+def infer_unet_config(shapes: Shapes, prefix: str = "") -> dict:
+    """UNet2DConditionModel config for LDM UNet keys under ``prefix``, widths read from shapes."""
+    cfg = shipped_config("sd15_unet")
+    p = re.escape(prefix)
+    conv_in = shapes[prefix + "input_blocks.0.0.weight"]
+    n_input = _count(shapes, rf"{p}input_blocks\.(\d+)\.")
+    n_down = _count(shapes, rf"{p}input_blocks\.(\d+)\.0\.op\.weight")
+    levels = n_down + 1
+    lpb = (n_input - 1 - n_down) // levels
+    channels, attn, depth = [], [], 1
+    for level in range(levels):
+        first = 1 + level * (lpb + 1)
+        channels.append(int(shapes[f"{prefix}input_blocks.{first}.0.out_layers.3.weight"][0]))
+        has_attn = f"{prefix}input_blocks.{first}.1.proj_in.weight" in shapes
+        attn.append(has_attn)
+        if has_attn:
+            depth = _count(shapes, rf"{p}input_blocks\.{first}\.1\.transformer_blocks\.(\d+)\.")
+    cfg.update(
+        in_channels=int(conv_in[1]),
+        out_channels=int(shapes[prefix + "out.2.weight"][0]),
+        block_out_channels=channels,
+        layers_per_block=lpb,
+        down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+        up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+        transformer_layers_per_block=depth,
+    )
+    ctx = next((s[1] for k, s in shapes.items() if k.startswith(prefix) and k.endswith("attn2.to_k.weight")), None)
+    if ctx is not None:
+        cfg["cross_attention_dim"] = int(ctx)
+    return cfg
+
+
+def infer_vae_config(shapes: Shapes, prefix: str = "") -> dict:
+    """AutoencoderKL config for LDM VAE keys under ``prefix``."""
+    cfg = shipped_config("sd15_vae")
+    p = re.escape(prefix)
+    levels = _count(shapes, rf"{p}encoder\.down\.(\d+)\.")
+    channels = [int(shapes[f"{prefix}encoder.down.{i}.block.0.conv1.weight"][0]) for i in range(levels)]
+    cfg.update(
+        in_channels=int(shapes[prefix + "encoder.conv_in.weight"][1]),
+        out_channels=int(shapes[prefix + "decoder.conv_out.weight"][0]),
+        latent_channels=int(shapes[prefix + "post_quant_conv.weight"][0]),
+        block_out_channels=channels,
+        layers_per_block=_count(shapes, rf"{p}encoder\.down\.0\.block\.(\d+)\."),
+        down_block_types=["DownEncoderBlock2D"] * levels,
+        up_block_types=["UpDecoderBlock2D"] * levels,
+    )
+    return cfg
+
+
+def infer_text_config(shapes: Shapes, prefix: str = "text_model."):
+    """CLIPTextConfig for HF CLIP text-model keys under ``prefix`` (SD1.5: ViT-L/14 text tower)."""
+    from transformers import CLIPTextConfig
+
+    cfg = shipped_config("sd15_text_encoder")
+    vocab, hidden = shapes[prefix + "embeddings.token_embedding.weight"]
+    cfg.update(
+        vocab_size=int(vocab),
+        hidden_size=int(hidden),
+        intermediate_size=int(shapes[prefix + "encoder.layers.0.mlp.fc1.weight"][0]),
+        num_hidden_layers=_count(shapes, rf"{re.escape(prefix)}encoder\.layers\.(\d+)\."),
+        max_position_embeddings=int(shapes[prefix + "embeddings.position_embedding.weight"][0]),
+        num_attention_heads=max(int(hidden) // 64, 1),
+        projection_dim=int(hidden),
+    )
+    return CLIPTextConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type")})
+
+
+def _empty(build):
+    """Build a module with parameters on the meta device (buffers real); the file fills them."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        return build()
+
+
+def _untouched(source: Mapping[str, torch.Tensor], converted: Mapping[str, torch.Tensor]) -> list[str]:
+    """Keys of ``source`` whose tensors the conversion did not carry over (shared storage = used)."""
+    used = {t.untyped_storage().data_ptr() for t in converted.values()}
+    return [k for k, t in source.items() if t.untyped_storage().data_ptr() not in used]
+
+
+def _reject_unconverted(component: str, source: Mapping[str, torch.Tensor], converted, path) -> None:
+    left = _untouched(source, converted)
+    if left:
+        shown = ", ".join(sorted(left)[:8]) + (f" ... and {len(left) - 8} more" if len(left) > 8 else "")
+        raise ModelFormatError(f"{path}: {len(left)} unexpected {component} key(s) that no SD1.5 layer takes: {shown}")
+
+
+def _clip_keys(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CLIP text weights with ``text_model.`` names, as checkpoints and transformers 4 write them."""
+    return {k if k.startswith("text_model.") else "text_model." + k: v for k, v in sd.items()}
+
+
+def _fit_clip_keys(sd: Mapping[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Match ``text_model.``-prefixed names to the installed transformers' CLIPTextModel layout.
+
+    transformers 5 dropped the ``text_model.`` level; older checkpoints also carry a
+    ``position_ids`` buffer that transformers now recomputes, so it is dropped when not expected.
+    """
+    expected = set(model.state_dict())
+    prefixed = any(k.startswith("text_model.") for k in expected)
+    out = {(k if prefixed else k.removeprefix("text_model.")): v for k, v in sd.items()}
+    return {k: v for k, v in out.items() if not (k.endswith("position_ids") and k not in expected)}
+
+
+def _finish(module: torch.nn.Module, dtype: torch.dtype, device) -> torch.nn.Module:
+    # nn.Module.to directly: diffusers' override only adds a warning about fp32-pinned modules,
+    # which none of these models has.
+    return torch.nn.Module.to(module, device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def _check_sd15(det: Detection, path) -> None:
+    require_sd15(det, "checkpoint", str(path))
+    in_ch = det.details.get("in_channels", 4)
+    if in_ch != 4:
+        kind = {9: "an inpainting", 8: "an instruct-pix2pix"}.get(in_ch, f"a {in_ch}-channel")
+        raise ModelFormatError(f"{path} is {kind} SD1.5 checkpoint (UNet input has {in_ch} channels); "
+                               "TCAN needs a regular text-to-image SD1.5 checkpoint with 4 input channels.")
+    for part in ("vae", "text_encoder"):
+        if det.details.get(part) == "missing":
+            raise ModelFormatError(f"{path} has no {part.replace('_', ' ')} weights; TCAN needs a full SD1.5 "
+                                   "checkpoint with UNet, VAE and text encoder (e.g. v1-5-pruned-emaonly).")
+
+
+def load_sd15_single_file(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                          device: str | torch.device = "cpu") -> SD15Components:
+    """An SD1.5 ``.safetensors``/``.ckpt`` with LDM key names -> diffusers UNet, VAE and CLIP text model."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+    )
+    from transformers import CLIPTextModel
+
+    sd = load_state_dict_file(path)
+    shapes = shapes_of(sd)
+    det = detect_checkpoint(shapes)
+    _check_sd15(det, path)
+
+    unet_cfg = infer_unet_config(shapes, UNET)
+    unet_sd = convert_ldm_unet_checkpoint(sd, unet_cfg)
+    _reject_unconverted("UNet", {k: v for k, v in sd.items() if k.startswith(UNET)}, unet_sd, path)
+    unet = _empty(lambda: UNet2DConditionModel.from_config(unet_cfg))
+    load_strict(unet, unet_sd, "SD1.5 UNet", path)
+
+    vae_cfg = infer_vae_config(shapes, VAE)
+    vae_sd = convert_ldm_vae_checkpoint(sd, vae_cfg)
+    vae_src = {k: v for k, v in sd.items() if k.startswith(VAE) and ".loss." not in k}
+    _reject_unconverted("VAE", vae_src, vae_sd, path)
+    vae = _empty(lambda: AutoencoderKL.from_config(vae_cfg))
+    load_strict(vae, vae_sd, "SD1.5 VAE", path)
+
+    text_sd = _clip_keys(convert_ldm_clip_checkpoint(sd))
+    text = _empty(lambda: CLIPTextModel(infer_text_config(shapes_of(text_sd))))
+    load_strict(text, _fit_clip_keys(text_sd, text), "SD1.5 CLIP text encoder", path)
+
+    return SD15Components(
+        unet=_finish(unet, dtype, device), vae=_finish(vae, dtype, device), text_encoder=_finish(text, dtype, device),
+        source=str(path), detection=det, configs={"unet": unet_cfg, "vae": vae_cfg, "text_encoder": text.config.to_dict()},
+    )
+
+
+_WEIGHT_NAMES = (
+    "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+    "model.safetensors", "model.fp16.safetensors",
+    "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin",
+    "pytorch_model.bin", "pytorch_model.fp16.bin",
+)
+
+
+def load_diffusers_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The weights of one diffusers/transformers model folder (single file or sharded index)."""
+    folder = Path(folder)
+    for name in _WEIGHT_NAMES:
+        if (folder / name).is_file():
+            return load_state_dict_file(folder / name)
+    indexes = sorted(folder.glob("*.index.json"))
+    if indexes:
+        shards = sorted(set(json.loads(indexes[0].read_text())["weight_map"].values()))
+        out: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            out.update(load_state_dict_file(folder / shard))
+        return out
+    raise FileNotFoundError(f"no weights found in {folder}; expected one of: {', '.join(_WEIGHT_NAMES[:4])} "
+                            "(or a sharded *.index.json)")
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; a diffusers SD1.5 folder has unet/, vae/ and text_encoder/ "
+                                "sub-folders, each with a config.json.")
+    return json.loads(path.read_text())
+
+
+def load_sd15_diffusers(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu") -> SD15Components:
+    """An SD1.5 diffusers pipeline folder (unet/, vae/, text_encoder/) -> the three models."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = Path(folder)
+    index = folder / "model_index.json"
+    pipeline = json.loads(index.read_text()).get("_class_name", "") if index.is_file() else ""
+    if "XL" in pipeline or (folder / "text_encoder_2").is_dir():
+        raise WrongBaseModelError(f"{folder} is an SDXL diffusers folder ({pipeline or 'text_encoder_2 present'}); "
+                                  "choose an SD1.5 checkpoint (v1-5-pruned-emaonly or an SD1.5 fine-tune).")
+    unet_cfg = _read_json(folder / "unet" / "config.json")
+    vae_cfg = _read_json(folder / "vae" / "config.json")
+    text_cfg = _read_json(folder / "text_encoder" / "config.json")
+    unet_sd = load_diffusers_weights(folder / "unet")
+    base = _base_from_unet(shapes_of(unet_sd), "")
+    if text_cfg.get("hidden_size") == 1024 and base == SD15:
+        base = "SD2.x"
+    det = Detection("checkpoint", base, "diffusers folder", {"in_channels": int(unet_cfg.get("in_channels", 4))})
+    _check_sd15(det, folder)
+
+    unet = _empty(lambda: UNet2DConditionModel.from_config(unet_cfg))
+    load_strict(unet, unet_sd, "SD1.5 UNet", folder / "unet")
+    vae = _empty(lambda: AutoencoderKL.from_config(vae_cfg))
+    load_strict(vae, load_diffusers_weights(folder / "vae"), "SD1.5 VAE", folder / "vae")
+    text = _empty(lambda: CLIPTextModel(CLIPTextConfig.from_dict(text_cfg)))
+    text_sd = _clip_keys(load_diffusers_weights(folder / "text_encoder"))
+    load_strict(text, _fit_clip_keys(text_sd, text), "SD1.5 CLIP text encoder", folder / "text_encoder")
+    return SD15Components(
+        unet=_finish(unet, dtype, device), vae=_finish(vae, dtype, device), text_encoder=_finish(text, dtype, device),
+        source=str(folder), detection=det,
+        configs={"unet": dict(unet_cfg), "vae": dict(vae_cfg), "text_encoder": copy.deepcopy(text_cfg)},
+    )
+
+
+def load_sd15(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+              device: str | torch.device = "cpu") -> SD15Components:
+    """Load an SD1.5 base model from a single file or a diffusers folder, recognised by content."""
+    p = Path(path)
+    if p.is_dir():
+        return load_sd15_diffusers(p, dtype, device)
+    return load_sd15_single_file(p, dtype, device)
+
+
+def detect_sd15_source(path: str | os.PathLike) -> Detection:
+    """Classify a checkpoint file or diffusers folder without loading its tensors."""
+    p = Path(path)
+    if p.is_dir():
+        index = p / "model_index.json"
+        pipeline = json.loads(index.read_text()).get("_class_name", "") if index.is_file() else ""
+        if "XL" in pipeline or (p / "text_encoder_2").is_dir():
+            return Detection("checkpoint", "SDXL", "diffusers folder")
+        unet_cfg = json.loads((p / "unet" / "config.json").read_text()) if (p / "unet" / "config.json").is_file() else {}
+        if not unet_cfg:
+            return Detection("other", "unknown", "a folder without unet/config.json")
+        ctx = unet_cfg.get("cross_attention_dim")
+        base = "SDXL" if ctx == 2048 else "SD2.x" if ctx == 1024 or unet_cfg.get("use_linear_projection") else SD15
+        return Detection("checkpoint", base, "diffusers folder", {"in_channels": unet_cfg.get("in_channels", 4)})
+    return detect_checkpoint(read_shapes(p))

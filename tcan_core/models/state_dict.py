@@ -1,0 +1,171 @@
+"""Reading tensors from model files safely, and loading them into modules strictly.
+
+Files are recognised by their bytes, not their names: a safetensors header or a torch zip/pickle
+archive. Torch archives are read only with ``torch.load(weights_only=True)``, which refuses
+pickled Python objects that could run code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import struct
+import zipfile
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from .errors import ModelFileError, ModelFormatError
+
+log = logging.getLogger(__name__)
+
+Shapes = dict[str, tuple[int, ...]]
+
+
+def _container(path: Path) -> str:
+    """'safetensors', 'torch-zip' or 'torch-legacy' from the first bytes of the file."""
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    if len(head) >= 9:
+        (n,) = struct.unpack("<Q", head[:8])
+        if head[8:9] == b"{" and 0 < n < 100_000_000:
+            return "safetensors"
+    if head[:2] == b"PK":
+        return "torch-zip"
+    if head[:1] == b"\x80":
+        return "torch-legacy"
+    raise ModelFileError(
+        f"{path} is neither a safetensors file nor a PyTorch checkpoint (its first bytes are "
+        f"{head[:8]!r}). It may be truncated, an HTML error page saved by a failed download, or "
+        "another format; download the file again."
+    )
+
+
+def _check_path(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        raise ModelFileError(f"{p} is a folder, not a model file; pass a .safetensors/.ckpt file "
+                             "or use the loader for diffusers folders.")
+    if not p.is_file():
+        raise FileNotFoundError(f"model file {p} does not exist")
+    if p.stat().st_size == 0:
+        raise ModelFileError(f"{p} is empty (0 bytes); download it again.")
+    return p
+
+
+def _torch_load(p: Path, kind: str, map_location) -> object:
+    try:
+        return torch.load(p, map_location=map_location, weights_only=True, mmap=(kind == "torch-zip"))
+    except pickle.UnpicklingError as exc:
+        raise ModelFileError(
+            f"{p} holds pickled Python objects, not just tensors, so it was refused: the pack reads "
+            f".ckpt/.pth files only with torch.load(weights_only=True) because pickles can run code "
+            f"on your machine. Use the .safetensors version of this model, or convert the file "
+            f"with a tool you trust. (torch said: {str(exc).splitlines()[0]})"
+        ) from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+        raise ModelFileError(f"{p} could not be read as a PyTorch checkpoint; it is probably "
+                             f"truncated or corrupt: download it again. ({exc})") from exc
+
+
+def _flatten(obj: Mapping, prefix: str = "") -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for k, v in obj.items():
+        if isinstance(v, torch.Tensor):
+            out[prefix + str(k)] = v
+        elif isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}."))
+    return out
+
+
+def _tensors_of(obj: object, p: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a loaded checkpoint, nested dicts flattened to dotted keys
+    (``{"image_proj": {...}}`` -> ``image_proj.*``); a ``state_dict`` wrapper is unwrapped."""
+    if not isinstance(obj, Mapping):
+        raise ModelFileError(f"{p} holds a {type(obj).__name__}, not a dictionary of tensors.")
+    for wrapper in ("state_dict", "module", "model"):
+        inner = obj.get(wrapper)
+        if isinstance(inner, Mapping) and _flatten(inner):
+            obj = inner
+            break
+    tensors = _flatten(obj)
+    if not tensors:
+        raise ModelFileError(f"{p} holds no tensors (keys: {', '.join(map(str, list(obj)[:8]))}).")
+    return tensors
+
+
+def load_state_dict_file(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """All tensors of a .safetensors or torch (.ckpt/.pth/.bin) file, on ``device``."""
+    p = _check_path(path)
+    kind = _container(p)
+    if kind == "safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(p), device=str(device))
+        except (SafetensorError, OSError, json.JSONDecodeError) as exc:
+            raise ModelFileError(f"{p} is a truncated or corrupt safetensors file ({exc}); "
+                                 "download it again.") from exc
+    return _tensors_of(_torch_load(p, kind, device), p)
+
+
+def read_shapes(path: str | os.PathLike) -> Shapes:
+    """Key -> shape of every tensor in a file, reading as little of it as the format allows."""
+    p = _check_path(path)
+    kind = _container(p)
+    if kind == "safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(p), framework="pt") as fh:
+                return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+        except (SafetensorError, OSError, json.JSONDecodeError) as exc:
+            raise ModelFileError(f"{p} is a truncated or corrupt safetensors file ({exc}); "
+                                 "download it again.") from exc
+    return {k: tuple(v.shape) for k, v in _tensors_of(_torch_load(p, kind, "cpu"), p).items()}
+
+
+def shapes_of(sd: Mapping[str, torch.Tensor]) -> Shapes:
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def strip_prefix(sd: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Keys that start with ``prefix``, with it removed (others are dropped)."""
+    n = len(prefix)
+    return {k[n:]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def _listing(keys, limit: int = 8) -> str:
+    keys = sorted(keys)
+    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def load_strict(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], what: str, source: str | os.PathLike) -> None:
+    """Load ``sd`` into ``module`` only if keys and shapes match exactly; else name the differences.
+
+    Parameters of ``module`` may live on the meta device (built empty); they are replaced by the
+    file's tensors (``assign=True``), so nothing is initialised twice.
+    """
+    expected = module.state_dict()
+    missing = set(expected) - set(sd)
+    unexpected = set(sd) - set(expected)
+    wrong = [f"{k} (file {tuple(sd[k].shape)}, model {tuple(expected[k].shape)})"
+             for k in set(sd) & set(expected) if tuple(sd[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s): {_listing(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s): {_listing(unexpected)}")
+        if wrong:
+            parts.append(f"{len(wrong)} shape mismatch(es): {_listing(wrong, 4)}")
+        raise ModelFormatError(f"{source}: the weights do not fit the {what}: " + "; ".join(parts))
+    module.load_state_dict(dict(sd), strict=True, assign=True)
+    meta = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
+    if meta:
+        raise ModelFormatError(f"{source}: the {what} has tensors the file did not fill: {_listing(meta)}")

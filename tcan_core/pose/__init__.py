@@ -1,0 +1,1 @@
+"""Pose stage: extraction, smoothing, retargeting (TCAN Algorithm 1), rendering and JSON I/O."""

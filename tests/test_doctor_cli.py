@@ -1,0 +1,68 @@
+"""``python -m tcan_core``: help, doctor on the tiny tree, and the README / CI commands in step."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+from conftest import ROOT
+from tcan_core.cli import main
+from tcan_core.doctor import format_report, run_doctor
+from tcan_core.model_folders import ModelFolders
+from tcan_core.tiny.sd15 import sdxl_like_state_dict
+
+
+def test_help_lists_commands():
+    out = subprocess.run([sys.executable, "-m", "tcan_core", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0
+    for command in ("doctor", "tiny-models", "demo"):
+        assert command in out.stdout
+
+
+def test_doctor_finds_the_tiny_sd15_models(tiny_tree):
+    reports = {r.slot.key: r for r in run_doctor(ModelFolders(tiny_tree.root))}
+    for key in ("sd15", "controlnet", "motion"):
+        assert reports[key].found, key
+    motion = {f.name: f.what for f in reports["motion"].files}
+    assert "version=v1" in motion["tiny_mm_v1.ckpt"] and "version=v3" in motion["tiny_mm_v3.safetensors"]
+    assert all("SD1.5" in f.what for f in reports["sd15"].files)
+
+
+def test_doctor_explains_what_is_missing(tmp_path):
+    from safetensors.torch import save_file
+
+    (tmp_path / "checkpoints").mkdir()
+    save_file(sdxl_like_state_dict(), str(tmp_path / "checkpoints" / "xl.safetensors"))
+    (tmp_path / "checkpoints" / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    text = format_report(run_doctor(ModelFolders(tmp_path)))
+    assert "[MISSING] SD1.5 base checkpoint" in text
+    assert "- xl.safetensors: checkpoint for SDXL" in text
+    assert re.search(r"- broken\.safetensors: unreadable: .*truncated or corrupt", text)
+    assert f"searched: {tmp_path / 'controlnet'}" in text
+    assert "control_v11p_sd15_openpose.pth" in text and "huggingface.co/lllyasviel/ControlNet-v1-1" in text
+    assert "mm_sd_v15_v2.ckpt" in text and "huggingface.co/guoyww/animatediff" in text
+
+
+def test_doctor_command_exit_code(tmp_path, capsys):
+    assert main(["doctor", "--models", str(tmp_path)]) == 1
+    assert "Missing required models" in capsys.readouterr().out
+
+
+def _readme_block(marker: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    block = re.search(rf"<!-- {marker} -->\s*```bash\n(.*?)\n```\s*<!-- /{marker} -->", text, re.S)
+    assert block, f"README.md has no {marker} block"
+    return block.group(1).strip()
+
+
+def test_readme_commands_and_ci_in_step():
+    test_cmd = _readme_block("test-command")
+    main_cmd = _readme_block("main-command")
+    assert "pytest" in test_cmd and "tcan_core demo" in main_cmd and "tcan_core doctor" in main_cmd
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "test-command" in ci and "README.md" in ci
+    extracted = subprocess.run(
+        ["bash", "-c", "sed -n '/<!-- test-command -->/,/<!-- \\/test-command -->/p' README.md "
+                       "| grep -v '^<!--' | grep -v '^```'"], capture_output=True, text=True, cwd=ROOT)
+    assert extracted.stdout.strip() == test_cmd

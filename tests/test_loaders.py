@@ -4,7 +4,6 @@ with messages that say what is wrong."""
 from __future__ import annotations
 
 import pickle
-import re
 
 import pytest
 import torch

@@ -18,7 +18,7 @@ from typing import Mapping
 
 import torch
 
-from .detect import CLIP_PREFIXES, SD15, UNET, VAE, Detection, _base_from_unet, detect_checkpoint, require_sd15
+from .detect import SD15, UNET, VAE, Detection, _base_from_unet, detect_checkpoint, require_sd15
 from .errors import ModelFormatError, WrongBaseModelError
 from .state_dict import Shapes, load_state_dict_file, load_strict, read_shapes, shapes_of
 

@@ -140,7 +140,6 @@ class TinyTree:
 
 def write_tiny_model_tree(root: str | Path, seed: int = 0) -> TinyTree:
     """Write the tiny SD1.5 checkpoint, ControlNet and motion modules into ``root`` (ComfyUI layout)."""
-    from transformers import CLIPTextModel  # noqa: F401  (save_pretrained below needs it importable)
 
     root = Path(root)
     tree = TinyTree(root)

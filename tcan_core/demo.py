@@ -1,4 +1,10 @@
-"""``python -m tcan_core demo``: the tiny model set, run through what the pack has, on the CPU."""
+"""``python -m tcan_core demo``: the tiny model set, run through what the pack has, on the CPU.
+
+Writes into OUT: ``models/`` (the tiny models in their real formats), ``doctor.txt``,
+``pose_retargeted.png`` / ``pose_retargeted.mp4`` (the synthetic dance retargeted to the
+character and drawn for the OpenPose ControlNet), ``tpc_preview.png`` (the character calibrated
+to every fourth pose) and ``reference.png``.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +12,46 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+import cv2
+import numpy as np
 import torch
 
+from .demo_scene import character_image, character_pose, driving_dance
 from .doctor import format_report, run_doctor
 from .model_folders import ModelFolders
 from .models.controlnet import load_controlnet
 from .models.motion import load_motion_module
 from .models.sd15 import load_sd15
+from .pose.render import render_poses
+from .pose.retarget import retarget_poses
+from .pose.smooth import smooth_poses
 from .tiny.tree import write_demo_tree
+from .tpc import calibrate
+from .tpc.preview import preview_frames
+
+
+def _save_png(path: Path, image: np.ndarray) -> None:
+    cv2.imwrite(str(path), np.ascontiguousarray(image[..., ::-1]))
+
+
+def _sheet(frames: np.ndarray, step: int) -> np.ndarray:
+    """Every ``step``-th frame of ``[F,H,W,3]`` side by side."""
+    return np.concatenate(list(frames[::step]), axis=1)
+
+
+def _save_video(path: Path, frames: np.ndarray, fps: float = 12.0) -> bool:
+    h, w = frames.shape[1:3]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+    if not writer.isOpened():
+        return False
+    for frame in frames:
+        writer.write(np.ascontiguousarray(frame[..., ::-1]))
+    writer.release()
+    return path.is_file() and path.stat().st_size > 0
 
 
 def run_demo(out: Path) -> Iterator[str]:
-    """Write the tiny models under ``out/models``, check them with doctor and load each one."""
+    """Run the demo into ``out``, yielding one line of progress at a time."""
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     tree = write_demo_tree(out / "models")
@@ -25,6 +59,7 @@ def run_demo(out: Path) -> Iterator[str]:
     report = format_report(run_doctor(ModelFolders(tree.root)))
     (out / "doctor.txt").write_text(report + "\n")
     yield report
+
     sd = load_sd15(tree.files["sd15_safetensors"])
     with torch.no_grad():
         latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -33,9 +68,26 @@ def run_demo(out: Path) -> Iterator[str]:
         image = sd.vae.decode(latent / sd.vae.config.scaling_factor).sample
     yield (f"SD1.5 loaded ({sd.detection.describe()}): UNet eps {tuple(eps.shape)}, "
            f"VAE decode {tuple(image.shape)}")
-    controlnet, det = load_controlnet(tree.files["controlnet_ldm"])
+    _, det = load_controlnet(tree.files["controlnet_ldm"])
     yield f"ControlNet loaded ({det.describe()})"
     for version in ("v1", "v2", "v3"):
         _, det = load_motion_module(tree.files[f"motion_{version}"])
         yield f"motion module loaded ({det.describe()})"
+
+    dance = driving_dance(frames=24)
+    character = character_pose()
+    reference = character_image(character)
+    _save_png(out / "reference.png", reference)
+    smoothed = smooth_poses(dance).poses
+    retargeted = retarget_poses(character, smoothed, canvas="reference")
+    rendered = render_poses(retargeted.poses)
+    _save_png(out / "pose_retargeted.png", _sheet(rendered, 4))
+    video = "and pose_retargeted.mp4" if _save_video(out / "pose_retargeted.mp4", rendered) else "(no mp4 encoder)"
+    yield (f"poses: {dance.num_frames} driving frames smoothed and retargeted to the character "
+           f"(body scale {retargeted.body_scale:.2f}); wrote pose_retargeted.png {video}")
+
+    cal = calibrate(reference.astype(np.float32) / 255.0, character, retargeted.poses, keypoint_set="body")
+    preview = (preview_frames(cal).numpy() * 255).round().astype(np.uint8)
+    _save_png(out / "tpc_preview.png", _sheet(preview, 4))
+    yield f"{cal.summary().splitlines()[0]} Wrote tpc_preview.png."
     yield f"demo finished in {time.perf_counter() - start:.1f} s; outputs in {out}"

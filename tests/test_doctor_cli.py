@@ -66,3 +66,11 @@ def test_readme_commands_and_ci_in_step():
         ["bash", "-c", "sed -n '/<!-- test-command -->/,/<!-- \\/test-command -->/p' README.md "
                        "| grep -v '^<!--' | grep -v '^```'"], capture_output=True, text=True, cwd=ROOT)
     assert extracted.stdout.strip() == test_cmd
+
+
+def test_demo_runs_and_finds_every_required_model(tmp_path):
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    for name in ("doctor.txt", "reference.png", "pose_retargeted.png", "tpc_preview.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert "All required models found." in (tmp_path / "doctor.txt").read_text()
+    assert main(["doctor", "--models", str(tmp_path / "models")]) == 0

@@ -86,6 +86,20 @@ def model_folders() -> ModelFolders:
     return ModelFolders(None, {name: folder_paths_for(name) for name in FOLDERS})
 
 
+def output_directory() -> str:
+    """ComfyUI's output folder, or the current directory outside ComfyUI."""
+    if IN_COMFYUI:
+        return _folder_paths.get_output_directory()
+    return os.getcwd()
+
+
+def input_directory() -> str:
+    """ComfyUI's input folder, or the current directory outside ComfyUI."""
+    if IN_COMFYUI:
+        return _folder_paths.get_input_directory()
+    return os.getcwd()
+
+
 def torch_device() -> torch.device:
     """The device models run on."""
     if IN_COMFYUI:

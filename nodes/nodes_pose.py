@@ -1,8 +1,7 @@
 """Pose nodes: smooth, retarget, render, save and load POSE_KEYPOINT (issue 3).
 
 Each node converts POSE_KEYPOINT to a dense ``PoseSequence``, makes one ``tcan_core.pose`` call
-and converts back. ComfyUI's input and output folders come from ``folder_paths`` when the pack
-runs inside ComfyUI; outside it (tests, scripts) the current directory stands in for both.
+and converts back. ComfyUI's input and output folders come from the host bridge.
 """
 
 from __future__ import annotations
@@ -23,27 +22,8 @@ from .common import CATEGORY, with_report
 
 log = logging.getLogger(__name__)
 
-try:
-    import folder_paths as _folder_paths
-except ImportError:
-    _folder_paths = None
-
 POSE_CATEGORY = f"{CATEGORY}/pose"
 NO_FILE = ""
-
-
-def output_directory() -> str:
-    """ComfyUI's output folder, or the current directory outside ComfyUI."""
-    if _folder_paths is not None:
-        return _folder_paths.get_output_directory()
-    return os.getcwd()
-
-
-def input_directory() -> str:
-    """ComfyUI's input folder, or the current directory outside ComfyUI."""
-    if _folder_paths is not None:
-        return _folder_paths.get_input_directory()
-    return os.getcwd()
 
 
 def _frames_without_person(seq) -> int:
@@ -167,7 +147,7 @@ class TCANPoseSave:
         }}
 
     def save(self, pose_keypoint, filename_prefix):
-        out_dir = output_directory()
+        out_dir = host.output_directory()
         path = pose_json.next_numbered_path(out_dir, filename_prefix.strip())
         pose_json.save_pose_json(pose_keypoint, path)
         name = os.path.relpath(path, out_dir)
@@ -185,7 +165,7 @@ class TCANPoseLoad:
 
     @classmethod
     def INPUT_TYPES(cls):
-        files = pose_json.list_pose_files(input_directory()) or [NO_FILE]
+        files = pose_json.list_pose_files(host.input_directory()) or [NO_FILE]
         return {"required": {
             "file": (files, {"tooltip": "A .json pose file in ComfyUI's input folder."}),
             "typed_name": ("STRING", {"default": "", "tooltip":
@@ -198,8 +178,8 @@ class TCANPoseLoad:
         name = (typed_name or "").strip() or file
         if not name:
             raise ValueError("no pose file chosen: put a .json pose file in ComfyUI's input folder "
-                             f"({input_directory()}) and pick it, or type its name")
-        return pose_json.safe_join(input_directory(), name, "pose file")
+                             f"({host.input_directory()}) and pick it, or type its name")
+        return pose_json.safe_join(host.input_directory(), name, "pose file")
 
     @classmethod
     def IS_CHANGED(cls, file, typed_name):

@@ -24,6 +24,8 @@ def _fake_comfyui(monkeypatch, tmp_path, calls):
         "animatediff_models": ([str(user_ckpt)], set()),
     }
     fp.get_folder_paths = lambda name: list(fp.folder_names_and_paths[name][0])
+    fp.get_input_directory = lambda: str(tmp_path / "ComfyUI" / "input")
+    fp.get_output_directory = lambda: str(tmp_path / "ComfyUI" / "output")
     mm = types.ModuleType("comfy.model_management")
     mm.get_torch_device = lambda: torch.device("cpu")
     mm.unet_offload_device = lambda: torch.device("cpu")
@@ -71,6 +73,8 @@ def test_bridge_uses_comfyui_services(monkeypatch, tmp_path):
     assert str(models / "animatediff_models") in paths
     assert str(models / "tcan" / "pose") in fp.folder_names_and_paths["tcan_pose"][0]
 
+    assert host.input_directory() == str(tmp_path / "ComfyUI" / "input")
+    assert host.output_directory() == str(tmp_path / "ComfyUI" / "output")
     assert host.unet_dtype() == torch.float16
     assert host.free_bytes() == 123
     host.free_memory(10)

@@ -190,8 +190,10 @@ def resolve_in_folders(folder: str, name: str, dirs: Iterable[str]) -> str:
         if candidate.is_file() or is_diffusers_folder(candidate):
             return str(candidate)
     searched = "\n  ".join(dirs) if dirs else "(no folders registered)"
+    hints = "".join(f"\n{slot.title}: expected {', '.join(slot.expected)}; published at {slot.published}"
+                    for slot in SLOTS if folder in (slot.folder, *slot.extra_folders))
     raise FileNotFoundError(
         f"model {name!r} was not found in the {folder!r} folder. Searched:\n  {searched}\n"
         f"Put the file in one of these folders (or add a folder for {folder!r} in "
-        f"extra_model_paths.yaml)."
+        f"extra_model_paths.yaml).{hints}"
     )

@@ -110,7 +110,9 @@ def test_fallbacks_without_comfyui(pack, tmp_path):
         host.check_interrupt()
         with pytest.raises(FileNotFoundError) as err:
             host.model_path("checkpoints", "missing.safetensors")
-        assert str(tmp_path / "checkpoints") in str(err.value) and "missing.safetensors" in str(err.value)
+        message = str(err.value)
+        assert str(tmp_path / "checkpoints") in message and "missing.safetensors" in message
+        assert "v1-5-pruned-emaonly.safetensors" in message and "stable-diffusion-v1-5" in message
     finally:
         host.set_models_root(None)
 

@@ -1,0 +1,1 @@
+"""The TCAN animation model: reference attention, APPA LoRA, temporal ControlNet, PTM, windows."""

@@ -1,0 +1,73 @@
+"""``TCAN_MODEL``: an immutable handle on shared weights plus the patches recorded on it.
+
+Patch nodes (motion module, APPA LoRA, temporal ControlNet, PTM, face ID) never change the model
+they get: they return ``model.with_patch(patch)``, a cheap copy that shares every weight and
+records one more patch. The sampler enters :meth:`TCANModel.patched` for exactly one sampling
+call; every patch is applied on entry and removed on exit, in reverse order, also when the call
+fails or is cancelled. Two branches of a graph therefore never see each other's patches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from dataclasses import dataclass, field, replace
+from typing import ContextManager, Iterator, Protocol
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Weights are shared between clones, so only one patched call may run at a time.
+_PATCH_LOCK = threading.RLock()
+
+
+class Patch(Protocol):
+    """Something a patch node records: ``key`` names its kind, ``applied`` installs it for one call."""
+
+    key: str
+
+    def applied(self, model: "TCANModel") -> ContextManager[None]:
+        ...
+
+
+@dataclass(frozen=True)
+class TCANModel:
+    """Denoising UNet, VAE and text encoder (shared), an optional appearance UNet, and patches.
+
+    ``appearance_unet`` is None in training-free mode: the base UNet's weights then serve as
+    the appearance UNet. ``exclusive`` patch keys replace an earlier patch of the same key
+    (one PTM, one ControlNet); other keys stack (several LoRAs).
+    """
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    source: str
+    appearance_unet: torch.nn.Module | None = None
+    patches: tuple = field(default_factory=tuple)
+
+    EXCLUSIVE = ("motion", "controlnet", "ptm", "face_id")
+
+    def with_patch(self, patch: Patch) -> "TCANModel":
+        """A copy with ``patch`` recorded; this model is left as it was."""
+        kept = tuple(p for p in self.patches if not (patch.key in self.EXCLUSIVE and p.key == patch.key))
+        return replace(self, patches=kept + (patch,))
+
+    def patch(self, key: str) -> Patch | None:
+        """The last recorded patch of kind ``key``, if any."""
+        return next((p for p in reversed(self.patches) if p.key == key), None)
+
+    def describe(self) -> str:
+        parts = [p.key for p in self.patches] or ["no patches"]
+        mode = "appearance UNet from file" if self.appearance_unet is not None else "training-free"
+        return f"TCAN model from {self.source} ({mode}; {', '.join(parts)})"
+
+    @contextlib.contextmanager
+    def patched(self) -> Iterator["TCANModel"]:
+        """Apply every patch for the duration of one call; remove all of them afterwards."""
+        with _PATCH_LOCK, contextlib.ExitStack() as stack:
+            for patch in self.patches:
+                stack.enter_context(patch.applied(self))
+            yield self

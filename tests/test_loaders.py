@@ -16,7 +16,7 @@ from tcan_core.models.motion import load_motion_module
 from tcan_core.models.sd15 import infer_text_config, infer_unet_config, infer_vae_config, load_sd15, shipped_config
 from tcan_core.models.state_dict import load_state_dict_file, shapes_of
 from tcan_core.tiny import sd15 as kit
-from tcan_core.tiny.ldm_keys import clip_to_ldm, controlnet_to_ldm, motion_to_animatediff, unet_to_ldm, vae_to_ldm
+from tcan_core.models.ldm_keys import clip_to_ldm, controlnet_to_ldm, motion_to_animatediff, unet_to_ldm, vae_to_ldm
 
 
 def assert_same_weights(loaded: torch.nn.Module, original: torch.nn.Module) -> None:

@@ -139,7 +139,8 @@ def strip_prefix(sd: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch
     return {k[n:]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
-def _listing(keys, limit: int = 8) -> str:
+def format_keys(keys, limit: int = 8) -> str:
+    """Sorted keys joined for an error message, the first ``limit`` of them and a count of the rest."""
     keys = sorted(keys)
     more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
     return ", ".join(keys[:limit]) + more
@@ -159,13 +160,13 @@ def load_strict(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], what: s
     if missing or unexpected or wrong:
         parts = []
         if missing:
-            parts.append(f"{len(missing)} missing key(s): {_listing(missing)}")
+            parts.append(f"{len(missing)} missing key(s): {format_keys(missing)}")
         if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s): {_listing(unexpected)}")
+            parts.append(f"{len(unexpected)} unexpected key(s): {format_keys(unexpected)}")
         if wrong:
-            parts.append(f"{len(wrong)} shape mismatch(es): {_listing(wrong, 4)}")
+            parts.append(f"{len(wrong)} shape mismatch(es): {format_keys(wrong, 4)}")
         raise ModelFormatError(f"{source}: the weights do not fit the {what}: " + "; ".join(parts))
     module.load_state_dict(dict(sd), strict=True, assign=True)
     meta = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
     if meta:
-        raise ModelFormatError(f"{source}: the {what} has tensors the file did not fill: {_listing(meta)}")
+        raise ModelFormatError(f"{source}: the {what} has tensors the file did not fill: {format_keys(meta)}")

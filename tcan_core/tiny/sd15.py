@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..models.sd15 import shipped_config
-from .ldm_keys import clip_to_ldm, controlnet_to_ldm, motion_to_animatediff, unet_to_ldm, vae_to_ldm
+from ..models.ldm_keys import clip_to_ldm, controlnet_to_ldm, motion_to_animatediff, unet_to_ldm, vae_to_ldm
 
 TINY_CHANNELS = [32, 32, 64, 64]
 TINY_CONTEXT = 64

@@ -1,7 +1,9 @@
-"""diffusers -> original (LDM / AnimateDiff) key names, to write tiny models in the real formats.
+"""diffusers -> original (LDM / AnimateDiff) key names.
 
-The loaders read these formats with diffusers' own LDM conversion, so a tiny model written here
-and loaded back tests both directions against an independent implementation.
+The tiny-model kit writes the real formats with these maps, and the LoRA loader derives kohya's
+LDM-style layer names from them. The loaders read LDM files with diffusers' own conversion, so a
+tiny model written here and loaded back tests both directions against an independent
+implementation.
 """
 
 from __future__ import annotations

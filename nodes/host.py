@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable
-
 import torch
 
 from tcan_core.model_folders import (
@@ -197,6 +195,11 @@ class Progress:
         if self._tqdm is not None:
             self._tqdm.update(n)
 
+    def step(self, n: int = 1) -> None:
+        """Check for Cancel, then advance by ``n``: the ``callback(n)`` tcan_core loops take."""
+        check_interrupt()
+        self.update(n)
+
     def close(self) -> None:
         if self._tqdm is not None:
             self._tqdm.close()
@@ -206,14 +209,3 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def step_callback(total: int, desc: str = "TCAN") -> tuple[Callable[[int], None], Progress]:
-    """A ``callback(n)`` for tcan_core loops that advances a bar and checks for Cancel."""
-    bar = Progress(total, desc)
-
-    def callback(n: int = 1) -> None:
-        check_interrupt()
-        bar.update(n)
-
-    return callback, bar

@@ -14,6 +14,7 @@ import torch
 from tcan_core.pose import pose_json
 from tcan_core.pose import retarget as pose_retarget
 from tcan_core.pose import smooth as pose_smooth
+from tcan_core.paths import safe_join
 from tcan_core.pose.render import render_poses
 from tcan_core.pose_format import parse_pose_keypoint, to_pose_keypoint
 
@@ -119,10 +120,9 @@ class TCANPoseRender:
 
     def render(self, pose_keypoint, width, height, body, hands, face):
         seq = parse_pose_keypoint(pose_keypoint)
-        callback, bar = host.step_callback(seq.num_frames, "TCAN Pose Render")
-        with bar:
+        with host.Progress(seq.num_frames, "TCAN Pose Render") as bar:
             frames = render_poses(seq, width or None, height or None, body=body, hands=hands,
-                                         face=face, callback=callback)
+                                  face=face, callback=bar.step)
         images = torch.from_numpy(frames).float().div_(255.0)
         empty = _frames_without_person(seq)
         text = f"{images.shape[0]} frames at {images.shape[2]}x{images.shape[1]}; {empty} without a person (black)"
@@ -179,7 +179,7 @@ class TCANPoseLoad:
         if not name:
             raise ValueError("no pose file chosen: put a .json pose file in ComfyUI's input folder "
                              f"({host.input_directory()}) and pick it, or type its name")
-        return pose_json.safe_join(host.input_directory(), name, "pose file")
+        return safe_join(host.input_directory(), name, "pose file")
 
     @classmethod
     def IS_CHANGED(cls, file, typed_name):

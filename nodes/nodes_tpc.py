@@ -12,7 +12,7 @@ from tcan_core.tpc import DEFAULT_SCALE_RANGE, KEYPOINT_SET_HELP, KEYPOINT_SETS,
 from tcan_core.tpc.preview import preview_frames
 
 from .common import CATEGORY, with_report
-from .host import Progress, check_interrupt
+from .host import Progress
 
 log = logging.getLogger(__name__)
 
@@ -107,14 +107,10 @@ class TCANTPCCalibrate:
 
         frames = drv_seq.num_frames
         with Progress(2 * frames, "TPC calibrate") as bar:
-            def step(n: int) -> None:
-                check_interrupt()
-                bar.update(n)
-
             cal = calibrate(image, ref_seq, drv_seq, reference_mask=mask, keypoint_set=keypoint_set,
                             min_confidence=min_confidence, sparsity=sparsity, allow_rotation=allow_rotation,
-                            scale_range=(min_scale, max_scale), person_index=person_index, callback=step)
-            preview = preview_frames(cal, callback=step)
+                            scale_range=(min_scale, max_scale), person_index=person_index, callback=bar.step)
+            preview = preview_frames(cal, callback=bar.step)
         report = cal.summary()
         log.info(report)
         return with_report(report, (cal.frame_images(), cal.frame_masks(), cal, preview))

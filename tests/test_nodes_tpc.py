@@ -103,7 +103,7 @@ def test_node_bad_inputs(node_cls, inputs, field, value, message):
 
 
 def test_node_checks_for_cancel_while_it_runs(pack, node_cls, inputs, monkeypatch):
-    module = sys.modules[node_cls.__module__]
+    host = sys.modules[node_cls.__module__.rsplit(".", 1)[0] + ".host"]
     calls = []
 
     def cancel() -> None:
@@ -111,7 +111,7 @@ def test_node_checks_for_cancel_while_it_runs(pack, node_cls, inputs, monkeypatc
         if len(calls) == 2:
             raise InterruptedError("cancelled")
 
-    monkeypatch.setattr(module, "check_interrupt", cancel)
+    monkeypatch.setattr(host, "check_interrupt", cancel)
     with pytest.raises(InterruptedError):
         node_cls().calibrate(**inputs)
     assert len(calls) == 2

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from .paths import safe_join
+
 WEIGHT_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
 ONNX_EXTENSIONS = (".onnx",)
 
@@ -183,9 +185,9 @@ def resolve_in_folders(folder: str, name: str, dirs: Iterable[str]) -> str:
             f"(no absolute paths, no '..')"
         )
     for d in dirs:
-        base = Path(d).resolve()
-        candidate = (base / name).resolve()
-        if base != candidate and base not in candidate.parents:
+        try:
+            candidate = safe_join(d, name, "model")
+        except ValueError:
             continue
         if candidate.is_file() or is_diffusers_folder(candidate):
             return str(candidate)

@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 
+from tcan_core.paths import safe_join
 from tcan_core.pose import pose_json
 
 
@@ -103,8 +104,8 @@ def test_names_cannot_leave_the_folder(tmp_path):
     os.symlink(tmp_path / "secret.json", inside / "link.json")
     for name in ("../secret.json", str(tmp_path / "secret.json"), "link.json", ""):
         with pytest.raises(ValueError):
-            pose_json.safe_join(inside, name)
-    assert pose_json.safe_join(inside, "sub/a.json") == (inside / "sub/a.json").resolve()
+            safe_join(inside, name)
+    assert safe_join(inside, "sub/a.json") == (inside / "sub/a.json").resolve()
 
 
 def test_load_node_refuses_paths_outside_the_input_folder(pack, tmp_path, monkeypatch):

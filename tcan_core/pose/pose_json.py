@@ -14,6 +14,7 @@ import os
 import re
 from pathlib import Path
 
+from tcan_core.paths import safe_join
 from tcan_core.pose_format import parse_pose_keypoint, to_pose_keypoint
 
 log = logging.getLogger(__name__)
@@ -76,18 +77,6 @@ def save_pose_json(pose_keypoint, path: str | os.PathLike) -> Path:
     path.write_text(text, encoding="utf-8")
     log.info("saved %s", path)
     return path
-
-
-def safe_join(directory: str | os.PathLike, name: str, what: str = "file") -> Path:
-    """``directory / name``, refusing names that would leave ``directory`` (absolute, ``..``, links out)."""
-    base = Path(directory).resolve()
-    if not name or os.path.isabs(name) or ".." in Path(name).parts:
-        raise ValueError(f"{what} {name!r} must be a path relative to {str(base)!r} "
-                         "(no absolute paths, no '..')")
-    candidate = (base / name).resolve()
-    if base != candidate and base not in candidate.parents:
-        raise ValueError(f"{what} {name!r} points outside {str(base)!r}; pick a file inside that folder")
-    return candidate
 
 
 def next_numbered_path(directory: str | os.PathLike, prefix: str, ext: str = ".json") -> Path:

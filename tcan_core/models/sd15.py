@@ -18,8 +18,8 @@ from typing import Mapping
 
 import torch
 
-from .detect import SD15, UNET, VAE, Detection, _base_from_unet, detect_checkpoint, require_sd15
-from .errors import ModelFormatError, WrongBaseModelError
+from .detect import SD15, UNET, VAE, Detection, detect_checkpoint, require_sd15
+from .errors import ModelFormatError
 from .state_dict import Shapes, load_state_dict_file, load_strict, read_shapes, shapes_of
 
 log = logging.getLogger(__name__)
@@ -252,20 +252,12 @@ def load_sd15_diffusers(folder: str | os.PathLike, dtype: torch.dtype = torch.fl
     from transformers import CLIPTextConfig, CLIPTextModel
 
     folder = Path(folder)
-    index = folder / "model_index.json"
-    pipeline = json.loads(index.read_text()).get("_class_name", "") if index.is_file() else ""
-    if "XL" in pipeline or (folder / "text_encoder_2").is_dir():
-        raise WrongBaseModelError(f"{folder} is an SDXL diffusers folder ({pipeline or 'text_encoder_2 present'}); "
-                                  "choose an SD1.5 checkpoint (v1-5-pruned-emaonly or an SD1.5 fine-tune).")
+    det = detect_sd15_source(folder)
+    _check_sd15(det, folder)
     unet_cfg = _read_json(folder / "unet" / "config.json")
     vae_cfg = _read_json(folder / "vae" / "config.json")
     text_cfg = _read_json(folder / "text_encoder" / "config.json")
     unet_sd = load_diffusers_weights(folder / "unet")
-    base = _base_from_unet(shapes_of(unet_sd), "")
-    if text_cfg.get("hidden_size") == 1024 and base == SD15:
-        base = "SD2.x"
-    det = Detection("checkpoint", base, "diffusers folder", {"in_channels": int(unet_cfg.get("in_channels", 4))})
-    _check_sd15(det, folder)
 
     unet = _empty(lambda: UNet2DConditionModel.from_config(unet_cfg))
     load_strict(unet, unet_sd, "SD1.5 UNet", folder / "unet")
@@ -301,7 +293,10 @@ def detect_sd15_source(path: str | os.PathLike) -> Detection:
         unet_cfg = json.loads((p / "unet" / "config.json").read_text()) if (p / "unet" / "config.json").is_file() else {}
         if not unet_cfg:
             return Detection("other", "unknown", "a folder without unet/config.json")
+        text_json = p / "text_encoder" / "config.json"
+        text_width = json.loads(text_json.read_text()).get("hidden_size") if text_json.is_file() else None
         ctx = unet_cfg.get("cross_attention_dim")
-        base = "SDXL" if ctx == 2048 else "SD2.x" if ctx == 1024 or unet_cfg.get("use_linear_projection") else SD15
+        base = ("SDXL" if ctx == 2048 else
+                "SD2.x" if ctx == 1024 or text_width == 1024 or unet_cfg.get("use_linear_projection") else SD15)
         return Detection("checkpoint", base, "diffusers folder", {"in_channels": unet_cfg.get("in_channels", 4)})
     return detect_checkpoint(read_shapes(p))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from types import ModuleType
 
 CATEGORY = "TCAN"
@@ -14,11 +13,6 @@ OPTIONAL_PACKAGES = {
     "insightface": "insightface",
     "controlnet_aux": "controlnet_aux",
 }
-
-
-def is_available(module: str) -> bool:
-    """True when ``module`` can be imported (checked without importing it)."""
-    return importlib.util.find_spec(module) is not None
 
 
 def require(module: str, node: str) -> ModuleType:

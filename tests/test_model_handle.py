@@ -19,7 +19,7 @@ class AddPatch:
     value: float
 
     @contextlib.contextmanager
-    def applied(self, model):
+    def applied(self, model, run):
         original = model.unet.weight.detach().clone()
         with torch.no_grad():
             model.unet.weight.add_(self.value)
@@ -80,7 +80,7 @@ def test_a_patch_that_fails_to_apply_undoes_the_earlier_ones():
         key = "face_id"
 
         @contextlib.contextmanager
-        def applied(self, model):
+        def applied(self, model, run):
             raise ValueError("adapter does not fit")
             yield
 

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import threading
 from dataclasses import dataclass, field, replace
-from typing import ContextManager, Iterator, Protocol
+from typing import Any, ContextManager, Iterator, Protocol
 
 import torch
 
@@ -23,12 +23,29 @@ log = logging.getLogger(__name__)
 _PATCH_LOCK = threading.RLock()
 
 
+@dataclass
+class RunState:
+    """What one sampling call shares with the patches applied for it.
+
+    The sampler makes it; patches fill in what the sampler needs from them: ``motion`` is the
+    state the temporal layers read (frames per video, None for the appearance pass), ``ptm`` the
+    temperature-map state and tau of a PTM patch, ``controlnet`` the ControlNet patch in force.
+    """
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    motion: Any = None
+    ptm: Any = None
+    ptm_tau: float = 0.0
+    controlnet: Any = None
+    notes: list[str] = field(default_factory=list)
+
+
 class Patch(Protocol):
     """Something a patch node records: ``key`` names its kind, ``applied`` installs it for one call."""
 
     key: str
 
-    def applied(self, model: "TCANModel") -> ContextManager[None]:
+    def applied(self, model: "TCANModel", run: RunState) -> ContextManager[None]:
         ...
 
 
@@ -42,8 +59,8 @@ class TCANModel:
     """
 
     unet: torch.nn.Module
-    vae: torch.nn.Module
-    text_encoder: torch.nn.Module
+    vae: torch.nn.Module | None
+    text_encoder: torch.nn.Module | None
     source: str
     appearance_unet: torch.nn.Module | None = None
     patches: tuple = field(default_factory=tuple)
@@ -65,9 +82,10 @@ class TCANModel:
         return f"TCAN model from {self.source} ({mode}; {', '.join(parts)})"
 
     @contextlib.contextmanager
-    def patched(self) -> Iterator["TCANModel"]:
+    def patched(self, run: RunState | None = None) -> Iterator[RunState]:
         """Apply every patch for the duration of one call; remove all of them afterwards."""
+        run = RunState() if run is None else run
         with _PATCH_LOCK, contextlib.ExitStack() as stack:
             for patch in self.patches:
-                stack.enter_context(patch.applied(self))
-            yield self
+                stack.enter_context(patch.applied(self, run))
+            yield run

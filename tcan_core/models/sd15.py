@@ -37,8 +37,8 @@ class SD15Components:
     """The three SD1.5 models the pack uses, with where they came from."""
 
     unet: torch.nn.Module
-    vae: torch.nn.Module
-    text_encoder: torch.nn.Module
+    vae: torch.nn.Module | None
+    text_encoder: torch.nn.Module | None
     source: str
     detection: Detection
     configs: dict = field(default_factory=dict)
@@ -175,8 +175,12 @@ def _check_sd15(det: Detection, path) -> None:
 
 
 def load_sd15_single_file(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                          device: str | torch.device = "cpu") -> SD15Components:
-    """An SD1.5 ``.safetensors``/``.ckpt`` with LDM key names -> diffusers UNet, VAE and CLIP text model."""
+                          device: str | torch.device = "cpu", unet_only: bool = False) -> SD15Components:
+    """An SD1.5 ``.safetensors``/``.ckpt`` with LDM key names -> diffusers UNet, VAE and CLIP text model.
+
+    ``unet_only`` skips the VAE and text encoder (left None): inside ComfyUI they come from its
+    own checkpoint loader, so the pack does not hold a second copy.
+    """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import (
         convert_ldm_clip_checkpoint,
@@ -195,6 +199,9 @@ def load_sd15_single_file(path: str | os.PathLike, dtype: torch.dtype = torch.fl
     _reject_unconverted("UNet", {k: v for k, v in sd.items() if k.startswith(UNET)}, unet_sd, path)
     unet = _empty(lambda: UNet2DConditionModel.from_config(unet_cfg))
     load_strict(unet, unet_sd, "SD1.5 UNet", path)
+    if unet_only:
+        return SD15Components(unet=_finish(unet, dtype, device), vae=None, text_encoder=None, source=str(path),
+                              detection=det, configs={"unet": unet_cfg})
 
     vae_cfg = infer_vae_config(shapes, VAE)
     vae_sd = convert_ldm_vae_checkpoint(sd, vae_cfg)
@@ -246,8 +253,8 @@ def _read_json(path: Path) -> dict:
 
 
 def load_sd15_diffusers(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu") -> SD15Components:
-    """An SD1.5 diffusers pipeline folder (unet/, vae/, text_encoder/) -> the three models."""
+                        device: str | torch.device = "cpu", unet_only: bool = False) -> SD15Components:
+    """An SD1.5 diffusers pipeline folder (unet/, vae/, text_encoder/) -> the three models (or the UNet only)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -261,6 +268,9 @@ def load_sd15_diffusers(folder: str | os.PathLike, dtype: torch.dtype = torch.fl
 
     unet = _empty(lambda: UNet2DConditionModel.from_config(unet_cfg))
     load_strict(unet, unet_sd, "SD1.5 UNet", folder / "unet")
+    if unet_only:
+        return SD15Components(unet=_finish(unet, dtype, device), vae=None, text_encoder=None, source=str(folder),
+                              detection=det, configs={"unet": dict(unet_cfg)})
     vae = _empty(lambda: AutoencoderKL.from_config(vae_cfg))
     load_strict(vae, load_diffusers_weights(folder / "vae"), "SD1.5 VAE", folder / "vae")
     text = _empty(lambda: CLIPTextModel(CLIPTextConfig.from_dict(text_cfg)))
@@ -274,12 +284,12 @@ def load_sd15_diffusers(folder: str | os.PathLike, dtype: torch.dtype = torch.fl
 
 
 def load_sd15(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-              device: str | torch.device = "cpu") -> SD15Components:
+              device: str | torch.device = "cpu", unet_only: bool = False) -> SD15Components:
     """Load an SD1.5 base model from a single file or a diffusers folder, recognised by content."""
     p = Path(path)
     if p.is_dir():
-        return load_sd15_diffusers(p, dtype, device)
-    return load_sd15_single_file(p, dtype, device)
+        return load_sd15_diffusers(p, dtype, device, unet_only)
+    return load_sd15_single_file(p, dtype, device, unet_only)
 
 
 def detect_sd15_source(path: str | os.PathLike) -> Detection:

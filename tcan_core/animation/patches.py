@@ -1,0 +1,158 @@
+"""The patches the TCAN model nodes record on a ``TCAN_MODEL``, each applied for one sampling call.
+
+Every patch is a frozen record (weights shared, nothing copied) whose ``applied(model, run)``
+installs it on entry and removes it on exit, also when the call fails or is cancelled:
+
+- :class:`MotionPatch`: AnimateDiff temporal layers hooked into the denoising UNet (key ``motion``);
+- :class:`AppaLoraPatch`: TCAN's APPA LoRA merged into the UNet's weights and taken out again (``lora``);
+- :class:`ControlNetPatch`: the OpenPose ControlNet, with temporal layers in its down blocks 2
+  and 3 when it has them (``controlnet``);
+- :class:`PTMPatch`: the pose-driven temperature map in the temporal attention (``ptm``).
+
+Modules a patch brings (motion adapter, ControlNet) are moved to the sampling device for the
+call and back to where they were after it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from ..models.lora import LoraPatch
+from .model import RunState, TCANModel
+from .ptm import DEFAULT_TAU, PTMState, ptm_installed
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def on_device(module: torch.nn.Module | None, device: torch.device) -> Iterator[None]:
+    """Keep ``module`` on ``device`` for the block and put it back on its own device after."""
+    if module is None:
+        yield
+        return
+    home = next(module.parameters()).device
+    module.to(device)
+    try:
+        yield
+    finally:
+        module.to(home)
+
+
+def module_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype of a module's first floating-point parameter."""
+    return next(p.dtype for p in module.parameters() if p.is_floating_point())
+
+
+@dataclass(frozen=True, eq=False)
+class MotionPatch:
+    """AnimateDiff motion module (diffusers ``MotionAdapter``) in the denoising UNet (Guo et al., ICLR 2024)."""
+
+    adapter: torch.nn.Module
+    source: str
+    key: str = "motion"
+
+    @property
+    def max_frames(self) -> int:
+        """The longest window the positional encoding covers."""
+        return int(self.adapter.config.get("motion_max_seq_length", 32))
+
+    @contextlib.contextmanager
+    def applied(self, model: TCANModel, run: RunState) -> Iterator[None]:
+        from .motion import check_motion_fits, motion_installed
+
+        check_motion_fits(model.unet, self.adapter, self.source)
+        with on_device(self.adapter, run.device), motion_installed(model.unet, self.adapter, run.motion):
+            yield
+
+
+@dataclass(frozen=True, eq=False)
+class AppaLoraPatch:
+    """TCAN's APPA LoRA (or any UNet LoRA) at a strength; several stack."""
+
+    lora: LoraPatch
+    key: str = "lora"
+
+    @contextlib.contextmanager
+    def applied(self, model: TCANModel, run: RunState) -> Iterator[None]:
+        with self.lora.applied(model.unet):
+            yield
+
+
+@dataclass(frozen=True, eq=False)
+class ControlNetPatch:
+    """The frozen OpenPose ControlNet with TCAN's temporal layers (down blocks 2, 3) when ``temporal`` is set.
+
+    ``strength`` scales its residuals; it acts on the sampling steps whose fraction of the run is
+    in ``[start, end)`` (``end`` 1.0 includes the last step).
+    """
+
+    controlnet: torch.nn.Module
+    source: str
+    temporal: torch.nn.Module | None = None
+    strength: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    key: str = "controlnet"
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.strength) or self.strength < 0:
+            raise ValueError(f"ControlNet strength must be a finite number >= 0, got {self.strength}")
+        if not 0.0 <= self.start < self.end <= 1.0:
+            raise ValueError(f"ControlNet start and end must satisfy 0 <= start < end <= 1, got start "
+                             f"{self.start} and end {self.end}; use 0 and 1 to guide every step")
+
+    def active(self, step: int, steps: int) -> bool:
+        """True when step ``step`` of ``steps`` falls in ``[start, end)`` of the run."""
+        fraction = step / steps
+        return self.strength > 0 and self.start <= fraction and (fraction < self.end or self.end >= 1.0)
+
+    @contextlib.contextmanager
+    def applied(self, model: TCANModel, run: RunState) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(on_device(self.controlnet, run.device))
+            if self.temporal is not None:
+                from .controlnet_t import check_temporal_fits, temporal_controlnet_installed
+
+                check_temporal_fits(self.controlnet, self.temporal, self.source)
+                stack.enter_context(on_device(self.temporal, run.device))
+                stack.enter_context(temporal_controlnet_installed(self.controlnet, self.temporal, run.motion))
+            run.controlnet = self
+            try:
+                yield
+            finally:
+                run.controlnet = None
+
+
+@dataclass(frozen=True, eq=False)
+class PTMPatch:
+    """TCAN's pose-driven temperature map on the motion module's temporal attention; tau 0 is off."""
+
+    tau: float = DEFAULT_TAU
+    key: str = "ptm"
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.tau) or self.tau < 0:
+            raise ValueError(f"tau must be a finite number >= 0, got {self.tau}; TCAN uses 3, and 0 turns PTM off")
+
+    @contextlib.contextmanager
+    def applied(self, model: TCANModel, run: RunState) -> Iterator[None]:
+        motion = model.patch("motion")
+        if motion is None:
+            raise ValueError("TCAN PTM acts on the motion module's temporal attention, and this model has none; "
+                             "connect TCAN Motion Module before TCAN PTM")
+        if self.tau == 0:
+            yield
+            return
+        state = PTMState()
+        with ptm_installed(motion.adapter, state):
+            run.ptm, run.ptm_tau = state, self.tau
+            try:
+                yield
+            finally:
+                run.ptm, run.ptm_tau = None, 0.0

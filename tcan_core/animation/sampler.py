@@ -1,0 +1,412 @@
+"""The TCAN sampler: one reference image and a batch of pose images -> an animated clip.
+
+TCAN (Kim et al., ECCV 2024), section 3 and the authors' inference defaults: DDIM, 25 steps,
+guidance 7.5, empty prompts, windows of 16 frames with overlap 4. One call of
+:func:`sample_animation` reads top to bottom:
+
+1. check the inputs and bring reference, poses and calibration to ``width`` x ``height``;
+2. encode the reference (and the TPC-calibrated references) with the VAE;
+3. draw the initial noise (independent per frame, or one window's noise repeated, as the
+   authors do);
+4. apply the model's patches for this call (motion module, APPA LoRA, temporal ControlNet,
+   PTM) and install reference attention;
+5. for every step: run the appearance UNet once on the clean reference latent (its mid/up
+   self-attention inputs go into the bank); for every window of frames: the ControlNet at batch
+   1 (its residuals serve both halves of guidance), the calibrated references of the window
+   through the appearance UNet, the denoising UNet on ``[uncond ; cond]`` with the reference
+   left out of the unconditional half, guidance, and the window's prediction added to the
+   MultiDiffusion average; then one scheduler step on the whole clip;
+6. decode the latents in chunks of frames, moving each chunk to the CPU.
+
+Memory stays flat in the clip length: only the latents ``[F,4,h,w]`` and the decoded frames
+(on the CPU) grow with frames; everything else is per window. Patches and processors are removed
+when the call ends, also on error or cancel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .model import RunState, TCANModel
+from .ptm import temperature_map
+from .schedulers import DEFAULT_SCHEDULER, SCHEDULERS, make_scheduler
+from .text import check_context, match_token_lengths
+from .vae import SD15_LATENT_SCALE, VAELike
+from .windows import DEFAULT_CONTEXT_LENGTH, DEFAULT_CONTEXT_OVERLAP, WindowAccumulator, iterate_windows
+
+log = logging.getLogger(__name__)
+
+NOISE_INDEPENDENT = "independent per frame"
+NOISE_REPEATED = "one window repeated"
+NOISE_MODES = (NOISE_INDEPENDENT, NOISE_REPEATED)
+
+# Two sizes count as the same aspect ratio when they differ by at most this fraction.
+ASPECT_TOLERANCE = 0.02
+DEFAULT_DECODE_CHUNK = 16
+
+# SD1.5 latent -> RGB, a linear fit used for cheap previews (the factors ComfyUI's and
+# A1111's live previews use for SD1.x latents).
+_LATENT_RGB = torch.tensor([[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350],
+                            [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]])
+
+ProgressCallback = Callable[[int, "torch.Tensor | None"], None]
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """The TCAN Sampler's widgets; the defaults are TCAN's."""
+
+    seed: int = 0
+    steps: int = 25
+    cfg: float = 7.5
+    scheduler: str = DEFAULT_SCHEDULER
+    width: int = 512
+    height: int = 512
+    context_length: int = DEFAULT_CONTEXT_LENGTH
+    context_overlap: int = DEFAULT_CONTEXT_OVERLAP
+    closed_loop: bool = False
+    noise: str = NOISE_INDEPENDENT
+    reference_out_of_uncond: bool = True
+    decode_chunk: int = DEFAULT_DECODE_CHUNK
+
+    def check(self) -> None:
+        """Raise a ValueError naming the first bad setting."""
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value < 64 or value % 8:
+                low, high = max(64, value // 8 * 8), max(64, -(-value // 8) * 8)
+                raise ValueError(f"{name} must be a multiple of 8 and at least 64, got {value}; "
+                                 f"the nearest valid {name}s are {low} and {high}" if low != high else
+                                 f"{name} must be a multiple of 8 and at least 64, got {value}; use {low}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}; TCAN uses 25")
+        if not math.isfinite(self.cfg) or self.cfg < 1.0:
+            raise ValueError(f"cfg must be a number >= 1, got {self.cfg}; TCAN uses 7.5 (1 turns guidance off)")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        if self.noise not in NOISE_MODES:
+            raise ValueError(f"unknown initial noise {self.noise!r}; choose one of {', '.join(NOISE_MODES)}")
+        if self.decode_chunk < 1:
+            raise ValueError(f"decode_chunk must be at least 1 frame, got {self.decode_chunk}")
+
+
+@dataclass
+class AnimationResult:
+    """Decoded frames [F,H,W,3] (CPU, float32, 0..1) and the final latents [F,4,h,w] (CPU, unscaled)."""
+
+    frames: torch.Tensor
+    latents: torch.Tensor
+    notes: list[str]
+
+
+class SamplingCancelled(RuntimeError):
+    """Raised by a ``check_cancel`` callback to stop sampling; patches are removed on the way out."""
+
+
+def nearest_size(width: int, height: int, aspect: float) -> tuple[int, int]:
+    """The multiple-of-8 size with ``aspect`` (w / h) and about the area of ``width`` x ``height``."""
+    area = width * height
+    new_h = max(8, round(math.sqrt(area / aspect) / 8) * 8)
+    new_w = max(8, round(new_h * aspect / 8) * 8)
+    return new_w, new_h
+
+
+def fit_images(images: torch.Tensor, width: int, height: int, what: str) -> torch.Tensor:
+    """Resize IMAGE [B,H,W,C] to ``width`` x ``height`` when the aspect ratio matches; else a clear error.
+
+    The aspect policy: images whose width / height differs from the target's by at most 2% are
+    resized (area filter when shrinking, bicubic when enlarging); anything else is refused, since
+    stretching would change the character's proportions and cropping would cut the pose apart.
+    """
+    frames, src_h, src_w = images.shape[0], images.shape[1], images.shape[2]
+    if (src_h, src_w) == (height, width):
+        return images
+    source, target = src_w / src_h, width / height
+    if abs(source / target - 1.0) > ASPECT_TOLERANCE:
+        fit_w, fit_h = nearest_size(width, height, source)
+        raise ValueError(f"{what} are {src_w}x{src_h} (aspect {source:.3f}) but the sampler's width x height is "
+                         f"{width}x{height} (aspect {target:.3f}); set width x height to {fit_w}x{fit_h} "
+                         f"(same aspect as the {what}) or crop/render the {what} at {width}x{height}")
+    mode = "area" if src_h * src_w > height * width else "bicubic"
+    x = images.movedim(-1, 1).float()
+    x = F.interpolate(x, size=(height, width), mode=mode, **({} if mode == "area" else {"align_corners": False}))
+    log.info("%s resized from %dx%d to %dx%d (%d frames)", what, src_w, src_h, width, height, frames)
+    return x.movedim(1, -1).clamp(0.0, 1.0).to(images.dtype)
+
+
+def _check_images(images: torch.Tensor, what: str, hint: str) -> None:
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[-1] != 3:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"{what} must be an IMAGE batch [B,H,W,3], got {shape}; {hint}")
+
+
+def initial_noise(num_frames: int, shape: tuple[int, int, int], seed: int, mode: str, window: int) -> torch.Tensor:
+    """Initial noise [F,C,h,w] from ``seed`` on the CPU (the same on every device).
+
+    ``NOISE_REPEATED`` draws one window of ``window`` frames and repeats it along the clip, as the
+    authors' pipeline does; ``NOISE_INDEPENDENT`` draws every frame's own noise.
+    """
+    generator = torch.Generator("cpu").manual_seed(int(seed))
+    if mode == NOISE_REPEATED:
+        base = torch.randn((min(window, num_frames), *shape), generator=generator)
+        reps = -(-num_frames // base.shape[0])
+        return base.repeat(reps, 1, 1, 1)[:num_frames]
+    return torch.randn((num_frames, *shape), generator=generator)
+
+
+def latent_preview(latents: torch.Tensor) -> torch.Tensor:
+    """A cheap RGB preview of one SD1.5 latent [4,h,w] (scaled) -> IMAGE [h,w,3] in 0..1."""
+    rgb = torch.einsum("chw,cr->hwr", latents.float().cpu(), _LATENT_RGB)
+    return ((rgb + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def _encode(vae: VAELike, images: torch.Tensor, device: torch.device, dtype: torch.dtype,
+            chunk: int) -> torch.Tensor:
+    """IMAGE [B,H,W,3] -> scaled latents [B,4,h,w] on ``device``, encoded ``chunk`` images at a time."""
+    parts = [vae.encode(images[i:i + chunk]) for i in range(0, images.shape[0], chunk)]
+    latents = torch.cat([p.to(device=device, dtype=torch.float32) for p in parts]) * SD15_LATENT_SCALE
+    return latents.to(dtype)
+
+
+@contextlib.contextmanager
+def _modules_on(device: torch.device, *modules: torch.nn.Module) -> Iterator[None]:
+    """Keep the (distinct) ``modules`` on ``device`` for the block; put each back where it was after."""
+    homes: list[tuple[torch.nn.Module, torch.device]] = []
+    seen: set[int] = set()
+    try:
+        for module in modules:
+            if module is None or id(module) in seen:
+                continue
+            seen.add(id(module))
+            homes.append((module, next(module.parameters()).device))
+            module.to(device)
+        yield
+    finally:
+        for module, home in homes:
+            module.to(home)
+
+
+class _Window:
+    """Per-window inputs the denoising step needs, prepared once per window and reused every step."""
+
+    def __init__(self, frames: tuple[int, ...], poses: torch.Tensor, temperature: torch.Tensor | None,
+                 calibrated: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> None:
+        self.frames = frames
+        self.poses = poses
+        self.temperature = temperature
+        self.calibrated = calibrated
+
+
+def sample_animation(model: TCANModel, reference: torch.Tensor, poses: torch.Tensor, positive: torch.Tensor,
+                     negative: torch.Tensor, vae: VAELike, settings: SamplerSettings = SamplerSettings(),
+                     calibration=None, device: torch.device | str | None = None,
+                     progress: ProgressCallback | None = None,
+                     check_cancel: Callable[[], None] | None = None) -> AnimationResult:
+    """Animate ``reference`` [1,H,W,3] with ``poses`` [F,H,W,3] (rendered OpenPose images), TCAN; -> frames.
+
+    ``positive``/``negative`` are text contexts [1,77k,768]; ``calibration`` an optional TPC
+    ``Calibration`` for the same frames; ``progress(n, preview)`` is called after every window
+    evaluation (steps x windows in all); ``check_cancel()`` is called between windows and may
+    raise to stop.
+    """
+    from .reference import ReferenceBank, reference_attention
+
+    # 1. Inputs.
+    settings.check()
+    _check_images(reference, "the reference", "connect one image (Load Image)")
+    _check_images(poses, "the pose images", "connect the rendered poses (TCAN Pose Render)")
+    if reference.shape[0] != 1:
+        raise ValueError(f"the reference is a batch of {reference.shape[0]} images; TCAN animates one character "
+                         "from one image: pick one with an ImageFromBatch node")
+    num_frames = int(poses.shape[0])
+    if num_frames == 0:
+        raise ValueError("the pose batch has 0 frames; connect TCAN Pose Render with at least one frame")
+    context_width = int(model.unet.config.cross_attention_dim)
+    positive = check_context(positive, "positive", context_width)
+    negative = check_context(negative, "negative", context_width)
+    positive, negative = match_token_lengths(positive, negative)
+    if calibration is not None and calibration.num_frames != num_frames:
+        raise ValueError(f"the calibration covers {calibration.num_frames} driving frames but {num_frames} pose "
+                         "images were given; calibrate with the same driving poses that were rendered")
+    motion = model.patch("motion")
+    if motion is not None and min(settings.context_length, num_frames) > motion.max_frames:
+        raise ValueError(f"context length {settings.context_length} is longer than the motion module's "
+                         f"{motion.max_frames}-frame positional encoding; use a context length of at most "
+                         f"{motion.max_frames}")
+
+    width, height = settings.width, settings.height
+    reference = fit_images(reference, width, height, "reference image")
+    poses = fit_images(poses, width, height, "pose images")
+    device = torch.device(device) if device is not None else next(model.unet.parameters()).device
+    unet = model.unet
+    appearance = model.appearance_unet if model.appearance_unet is not None else unet
+    dtype = next(unet.parameters()).dtype
+    latent_size = (height // 8, width // 8)
+    notes: list[str] = []
+
+    with _modules_on(device, unet, appearance):
+        # 2. Reference latents.
+        ref_latent = _encode(vae, reference, device, dtype, 1)
+        cal_latents = cal_key_masks = None
+        if calibration is not None:
+            cal_images = fit_images(calibration.images, width, height, "calibrated references")
+            cal_latents = _encode(vae, cal_images, device, dtype, settings.decode_chunk)
+            cal_key_masks = fit_images(calibration.masks[..., None].expand(-1, -1, -1, 3).contiguous(), width,
+                                       height, "calibration masks")[..., 0]
+
+        # 3. Noise and schedule.
+        scheduler = make_scheduler(settings.scheduler)
+        scheduler.set_timesteps(settings.steps, device=device)
+        step_kwargs = {}
+        if "generator" in inspect.signature(scheduler.step).parameters:
+            step_kwargs["generator"] = torch.Generator("cpu").manual_seed(int(settings.seed) + 1)
+        latents = initial_noise(num_frames, (4, *latent_size), settings.seed, settings.noise,
+                                settings.context_length).to(device=device, dtype=torch.float32)
+        latents = latents * scheduler.init_noise_sigma
+
+        plan = iterate_windows(num_frames, settings.steps, settings.context_length, settings.context_overlap,
+                               settings.closed_loop)
+        accumulator = WindowAccumulator(num_frames)
+        guided = settings.cfg > 1.0
+        from .motion import MotionState
+
+        run = RunState(device=device, motion=MotionState(num_frames=None), notes=notes)
+        bank = ReferenceBank()
+        windows: dict[int, _Window] = {}
+
+        # 4. Patches and reference attention for exactly this call.
+        with model.patched(run), reference_attention(bank, unet, appearance):
+            for task in plan:
+                if check_cancel is not None:
+                    check_cancel()
+                t = scheduler.timesteps[task.step]
+                if task.first_in_step:
+                    accumulator.reset()
+                    _appearance_pass(appearance, bank, run, "reference", ref_latent, t, positive)
+                window = windows.get(task.window)
+                if window is None:
+                    window = _prepare_window(task.frames, poses, run, calibration, cal_key_masks, device, dtype)
+                    windows[task.window] = window
+                prediction = _denoise_window(unet, appearance, bank, run, scheduler, latents, window, t, task.step,
+                                             settings, positive, negative, cal_latents, latent_size, guided,
+                                             device, dtype)
+                accumulator.add(task.frames, prediction.movedim(0, 1)[None])
+                preview = None
+                if task.last_in_step:
+                    fused = accumulator.result()[0].movedim(0, 1)
+                    latents = scheduler.step(fused, t, latents, **step_kwargs).prev_sample
+                    preview = latent_preview(latents[0])
+                if progress is not None:
+                    progress(1, preview)
+            bank.clear()
+
+        if not bool(torch.isfinite(latents).all()):
+            raise FloatingPointError(f"the denoising UNet produced NaN or infinite latents (model dtype {dtype}); "
+                                     "run the UNet in float32 or bfloat16 (ComfyUI: --fp32-unet / --bf16-unet), "
+                                     "or lower cfg")
+        # 6. Decode in chunks; frames go to the CPU as they are decoded.
+        raw = (latents / SD15_LATENT_SCALE).to(dtype)
+        del latents
+    frames = decode_frames(vae, raw, settings.decode_chunk)
+    return AnimationResult(frames=frames, latents=raw.float().cpu(), notes=notes)
+
+
+def decode_frames(vae: VAELike, raw_latents: torch.Tensor, chunk: int = DEFAULT_DECODE_CHUNK) -> torch.Tensor:
+    """Unscaled latents [F,4,h,w] -> IMAGE [F,8h,8w,3] on the CPU, ``chunk`` frames at a time; NaN -> clear error."""
+    parts = []
+    for start in range(0, raw_latents.shape[0], chunk):
+        images = vae.decode(raw_latents[start:start + chunk]).float().cpu()
+        if not bool(torch.isfinite(images).all()):
+            raise FloatingPointError(f"the VAE decoded NaN or infinite pixels in frames {start}.."
+                                     f"{min(start + chunk, raw_latents.shape[0]) - 1} while the latents are finite; "
+                                     "SD1.5 VAEs overflow in float16: decode in float32 (ComfyUI: --fp32-vae, or "
+                                     "a VAE Loader with the fp16-fixed VAE)")
+        parts.append(images)
+    return torch.cat(parts)
+
+
+def _appearance_pass(appearance: torch.nn.Module, bank, run: RunState, group: str, latents: torch.Tensor,
+                     t: torch.Tensor, context: torch.Tensor) -> None:
+    """The appearance UNet on clean reference latents [R,4,h,w] at timestep ``t``: fills ``group`` of the bank."""
+    run.motion.num_frames = None
+    with bank.writing(group):
+        appearance(latents, t, encoder_hidden_states=context.expand(latents.shape[0], -1, -1).to(latents.dtype),
+                   return_dict=False)
+
+
+def _prepare_window(frames: tuple[int, ...], poses: torch.Tensor, run: RunState, calibration,
+                    cal_key_masks: torch.Tensor | None, device: torch.device, dtype: torch.dtype) -> _Window:
+    """The window's pose images [f,3,H,W], its temperature map and its calibration indices and masks."""
+    index = list(frames)
+    window_poses = poses[index].to(device=device, dtype=torch.float32)
+    temperature = temperature_map(window_poses, run.ptm_tau) if run.ptm is not None else None
+    calibrated = None
+    if calibration is not None:
+        cal_index = torch.as_tensor(calibration.frame_to_calibrated[index], dtype=torch.long)
+        used = torch.unique(cal_index)
+        local = torch.searchsorted(used, cal_index)
+        query = fit_images(calibration.driving_person_masks(index).float()[..., None].expand(-1, -1, -1, 3)
+                           .contiguous(), poses.shape[2], poses.shape[1], "driving person masks")[..., 0]
+        calibrated = (used.to(device), local.to(device), query.to(device), cal_key_masks[used].to(device))
+    return _Window(frames, window_poses.movedim(-1, 1).to(dtype), temperature, calibrated)
+
+
+def _denoise_window(unet: torch.nn.Module, appearance: torch.nn.Module, bank, run: RunState, scheduler,
+                    latents: torch.Tensor, window: _Window, t: torch.Tensor, step: int, settings: SamplerSettings,
+                    positive: torch.Tensor, negative: torch.Tensor, cal_latents: torch.Tensor | None,
+                    latent_size: tuple[int, int], guided: bool, device: torch.device,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """Guided noise prediction of one window, [f,4,h,w] in float32."""
+    frames = len(window.frames)
+    x = scheduler.scale_model_input(latents[list(window.frames)], t).to(dtype)
+
+    down_res = mid_res = None
+    control = run.controlnet
+    if control is not None and control.active(step, settings.steps):
+        run.motion.num_frames = frames
+        down_res, mid_res = control.controlnet(
+            x, t, encoder_hidden_states=positive.expand(frames, -1, -1).to(dtype), controlnet_cond=window.poses,
+            conditioning_scale=control.strength, return_dict=False)
+
+    halves = 2 if guided else 1
+    use_reference = torch.ones(halves * frames, dtype=torch.bool, device=device)
+    if guided and settings.reference_out_of_uncond:
+        use_reference[:frames] = False
+    calibrated_index = query_masks = key_masks = None
+    if window.calibrated is not None:
+        used, local, query, key_masks = window.calibrated
+        _appearance_pass(appearance, bank, run, "calibrated", cal_latents[used], t, positive)
+        calibrated_index = torch.where(use_reference, local.repeat(halves), torch.full_like(local.repeat(halves), -1))
+        query_masks = query.repeat(halves, 1, 1)
+    bank.set_read(latent_size, use_reference, calibrated_index, query_masks, key_masks)
+
+    if guided:
+        model_in = torch.cat([x, x])
+        context = torch.cat([negative.expand(frames, -1, -1), positive.expand(frames, -1, -1)]).to(dtype)
+        if down_res is not None:
+            down_res = [r.repeat(2, 1, 1, 1) for r in down_res]
+            mid_res = mid_res.repeat(2, 1, 1, 1)
+    else:
+        model_in, context = x, positive.expand(frames, -1, -1).to(dtype)
+
+    run.motion.num_frames = frames
+    if run.ptm is not None:
+        run.ptm.set(window.temperature, latent_size)
+    try:
+        eps = unet(model_in, t, encoder_hidden_states=context, down_block_additional_residuals=down_res,
+                   mid_block_additional_residual=mid_res, return_dict=False)[0].float()
+    finally:
+        if run.ptm is not None:
+            run.ptm.clear()
+    if not guided:
+        return eps
+    uncond, cond = eps.chunk(2)
+    return uncond + settings.cfg * (cond - uncond)

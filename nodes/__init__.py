@@ -17,6 +17,8 @@ TOPICS = (
     "nodes_pose_extract",
     "nodes_pose",
     "nodes_tpc",
+    "nodes_model",
+    "nodes_sampler",
 )
 
 NODE_CLASS_MAPPINGS: dict = {}

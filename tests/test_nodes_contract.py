@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
 
 import pytest
@@ -19,8 +20,20 @@ def test_pack_registers_nodes():
     assert set(PACK.NODE_DISPLAY_NAME_MAPPINGS) == set(PACK.NODE_CLASS_MAPPINGS)
 
 
+@pytest.fixture(scope="module")
+def demo_models(tmp_path_factory):
+    """A models root with a tiny file in every folder, so model dropdowns have entries."""
+    from tcan_core.tiny.tree import write_demo_tree
+
+    host = importlib.import_module(f"{PACK.__name__}.nodes.host")
+    root = write_demo_tree(tmp_path_factory.mktemp("demo_models")).root
+    host.set_models_root(root)
+    yield root
+    host.set_models_root(None)
+
+
 @pytest.mark.parametrize("node_id", NODE_IDS)
-def test_node_contract(node_id):
+def test_node_contract(node_id, demo_models):
     cls = PACK.NODE_CLASS_MAPPINGS[node_id]
     assert node_id.startswith("TCAN"), node_id
     assert PACK.NODE_DISPLAY_NAME_MAPPINGS[node_id].startswith("TCAN ")

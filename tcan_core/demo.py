@@ -1,9 +1,12 @@
-"""``python -m tcan_core demo``: the tiny model set, run through what the pack has, on the CPU.
+"""``python -m tcan_core demo``: the tiny model set, run through the whole TCAN graph on the CPU.
 
 Writes into OUT: ``models/`` (the tiny models in their real formats), ``doctor.txt``,
-``pose_retargeted.png`` / ``pose_retargeted.mp4`` (the synthetic dance retargeted to the
-character and drawn for the OpenPose ControlNet), ``tpc_preview.png`` (the character calibrated
-to every fourth pose) and ``reference.png``.
+``reference.png`` with ``reference_pose.json`` and ``driving_pose.json`` (inputs for ``animate``), ``pose_retargeted.png`` / ``pose_retargeted.mp4`` (the synthetic dance
+retargeted to the character and drawn for the OpenPose ControlNet), ``tpc_preview.png`` (the
+character calibrated to every fourth pose), ``temperature_map.png`` (PTM of the first window:
+white is the pose, darker is held still) and ``animation.png`` / ``animation.mp4`` (the frames the
+TCAN sampler made with the tiny models: noise-like, since tiny random weights draw nothing, but
+made by the same code path as a real run).
 """
 
 from __future__ import annotations
@@ -28,6 +31,13 @@ from .pose.smooth import smooth_poses
 from .tiny.tree import write_demo_tree
 from .tpc import calibrate
 from .tpc.preview import preview_frames
+from .pipeline import AnimateOptions, animate
+from .pose.pose_json import save_pose_json
+from .pose_format import to_pose_keypoint
+
+# Small enough to run the whole graph on a laptop CPU in seconds; a real run uses 25 steps at 512x512.
+DEMO_STEPS = 4
+DEMO_AREA = 120 * 160
 
 
 def _save_png(path: Path, image: np.ndarray) -> None:
@@ -78,6 +88,8 @@ def run_demo(out: Path) -> Iterator[str]:
     character = character_pose()
     reference = character_image(character)
     _save_png(out / "reference.png", reference)
+    save_pose_json(to_pose_keypoint(character), out / "reference_pose.json")
+    save_pose_json(to_pose_keypoint(dance), out / "driving_pose.json")
     smoothed = smooth_poses(dance).poses
     retargeted = retarget_poses(character, smoothed, canvas="reference")
     rendered = render_poses(retargeted.poses)
@@ -90,4 +102,18 @@ def run_demo(out: Path) -> Iterator[str]:
     preview = (preview_frames(cal).numpy() * 255).round().astype(np.uint8)
     _save_png(out / "tpc_preview.png", _sheet(preview, 4))
     yield f"{cal.summary().splitlines()[0]} Wrote tpc_preview.png."
+
+    options = AnimateOptions(steps=DEMO_STEPS, area=DEMO_AREA, tau=3.0, tpc=True, checkpoint="tiny_sd15.safetensors",
+                             motion_module="tiny_mm_v2.ckpt", controlnet="tiny_openpose.safetensors")
+    started = time.perf_counter()
+    result = animate(reference, dance, ModelFolders(tree.root), reference_pose=character, options=options)
+    for line in result.report:
+        yield line
+    _save_png(out / "animation.png", _sheet(result.frames, 4))
+    video = "and animation.mp4" if _save_video(out / "animation.mp4", result.frames) else "(no mp4 encoder)"
+    if result.temperature is not None:
+        _save_png(out / "temperature_map.png", (np.repeat(result.temperature[..., None], 3, -1) * 255).astype(np.uint8))
+    height, width = result.frames.shape[1:3]
+    yield (f"TCAN sampler: {len(result.frames)} frames at {width}x{height}, {DEMO_STEPS} DDIM steps, windows 16/4, "
+           f"in {time.perf_counter() - started:.1f} s; wrote animation.png {video} and temperature_map.png")
     yield f"demo finished in {time.perf_counter() - start:.1f} s; outputs in {out}"

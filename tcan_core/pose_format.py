@@ -48,6 +48,11 @@ class PoseSequence:
     def num_frames(self) -> int:
         return int(self.body.shape[0])
 
+    def first(self, frames: int) -> "PoseSequence":
+        """The first ``frames`` frames (all when there are fewer)."""
+        return PoseSequence(self.body[:frames], self.face[:frames], self.hands[:frames], self.people[:frames],
+                            self.width, self.height)
+
     @classmethod
     def empty(cls, frames: int, people: int, width: int, height: int) -> "PoseSequence":
         return cls(

@@ -16,7 +16,7 @@ from tcan_core.tiny.sd15 import sdxl_like_state_dict
 def test_help_lists_commands():
     out = subprocess.run([sys.executable, "-m", "tcan_core", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0
-    for command in ("doctor", "tiny-models", "demo"):
+    for command in ("doctor", "animate", "tiny-models", "demo"):
         assert command in out.stdout
 
 
@@ -59,7 +59,7 @@ def _readme_block(marker: str) -> str:
 def test_readme_commands_and_ci_in_step():
     test_cmd = _readme_block("test-command")
     main_cmd = _readme_block("main-command")
-    assert "pytest" in test_cmd and "tcan_core demo" in main_cmd and "tcan_core doctor" in main_cmd
+    assert "pytest" in test_cmd and "tcan_core demo" in main_cmd and "tcan_core animate" in main_cmd
     ci = (ROOT / ".ci" / "run").read_text()
     assert "test-command" in ci and "README.md" in ci
     extracted = subprocess.run(
@@ -68,9 +68,27 @@ def test_readme_commands_and_ci_in_step():
     assert extracted.stdout.strip() == test_cmd
 
 
-def test_demo_runs_and_finds_every_required_model(tmp_path):
+def test_demo_runs_the_graph_and_animate_runs_on_its_outputs(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path)]) == 0
-    for name in ("doctor.txt", "reference.png", "pose_retargeted.png", "tpc_preview.png"):
+    for name in ("doctor.txt", "reference.png", "reference_pose.json", "driving_pose.json", "pose_retargeted.png",
+                 "tpc_preview.png", "temperature_map.png", "animation.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     assert "All required models found." in (tmp_path / "doctor.txt").read_text()
     assert main(["doctor", "--models", str(tmp_path / "models")]) == 0
+
+    out = tmp_path / "animate.mp4"
+    args = ["animate", "--reference", str(tmp_path / "reference.png"), "--reference-pose",
+            str(tmp_path / "reference_pose.json"), "--driving", str(tmp_path / "driving_pose.json"), "--models",
+            str(tmp_path / "models"), "--out", str(out), "--steps", "2", "--max-frames", "5"]
+    capsys.readouterr()
+    assert main(args + ["--width", "72", "--height", "96"]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote 5 frames (72x96)" in printed or "PNG frames" in printed
+
+    assert main(args + ["--width", "70", "--height", "96"]) == 2
+    assert "width must be a multiple of 8" in capsys.readouterr().err
+    bad = tmp_path / "driving.txt"
+    bad.write_text("not a video")
+    assert main(["animate", "--reference", str(tmp_path / "reference.png"), "--driving", str(bad), "--models",
+                 str(tmp_path / "models"), "--out", str(out)]) == 2
+    assert "neither a video" in capsys.readouterr().err

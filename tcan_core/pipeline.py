@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 import torch
 
-from .model_folders import ModelFolders, list_model_files
+from .model_folders import ModelFolders, list_model_files, resolve_in_folders
 from .pose_format import PoseSequence, parse_pose_keypoint
 
 log = logging.getLogger(__name__)
@@ -47,8 +47,6 @@ class AnimateOptions:
     tau: float = 3.0
     tpc: bool = True
     max_frames: int | None = None
-    fps: float | None = None
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -113,15 +111,11 @@ def pick_model(folders: ModelFolders, folder: str, name: str | None, what: str) 
     """The file ``name`` in ``folder`` (resolved inside it), or the first file there; a clear error if none."""
     dirs = folders.paths(folder)
     if name is not None:
-        from .model_folders import resolve_in_folders
-
         return Path(resolve_in_folders(folder, name, dirs))
     names = list_model_files(dirs, folders.extensions(folder))
     if not names:
         raise FileNotFoundError(f"no {what} found; searched {', '.join(dirs)}. Run `python -m tcan_core doctor "
                                 f"--models {folders.root}` to see which files are expected and where they are published")
-    from .model_folders import resolve_in_folders
-
     return Path(resolve_in_folders(folder, names[0], dirs))
 
 

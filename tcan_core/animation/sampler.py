@@ -195,12 +195,16 @@ def _modules_on(device: torch.device, *modules: torch.nn.Module) -> Iterator[Non
 
 
 class _Window:
-    """Per-window inputs the denoising step needs, prepared once per window and reused every step."""
+    """What a window needs at every step, prepared once and kept on the CPU (small: no pixels of the clip).
 
-    def __init__(self, frames: tuple[int, ...], poses: torch.Tensor, temperature: torch.Tensor | None,
-                 calibrated: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> None:
+    ``temperature`` is the PTM map [H,W]; ``calibrated`` holds the calibrated images the window
+    uses, each frame's index among them, the driving person masks at latent size and the warped
+    reference masks.
+    """
+
+    def __init__(self, frames: tuple[int, ...], temperature: torch.Tensor | None,
+                 calibrated: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None) -> None:
         self.frames = frames
-        self.poses = poses
         self.temperature = temperature
         self.calibrated = calibrated
 
@@ -259,8 +263,7 @@ def sample_animation(model: TCANModel, reference: torch.Tensor, poses: torch.Ten
         if calibration is not None:
             cal_images = fit_images(calibration.images, width, height, "calibrated references")
             cal_latents = _encode(vae, cal_images, device, dtype, settings.decode_chunk)
-            cal_key_masks = fit_images(calibration.masks[..., None].expand(-1, -1, -1, 3).contiguous(), width,
-                                       height, "calibration masks")[..., 0]
+            cal_key_masks = F.interpolate(calibration.masks.float()[:, None], size=latent_size, mode="area")[:, 0]
 
         # 3. Noise and schedule.
         scheduler = make_scheduler(settings.scheduler)
@@ -293,17 +296,19 @@ def sample_animation(model: TCANModel, reference: torch.Tensor, poses: torch.Ten
                     _appearance_pass(appearance, bank, run, "reference", ref_latent, t, positive)
                 window = windows.get(task.window)
                 if window is None:
-                    window = _prepare_window(task.frames, poses, run, calibration, cal_key_masks, device, dtype)
+                    window = _prepare_window(task.frames, poses, run, calibration, cal_key_masks, latent_size)
                     windows[task.window] = window
-                prediction = _denoise_window(unet, appearance, bank, run, scheduler, latents, window, t, task.step,
+                prediction = _denoise_window(unet, appearance, bank, run, scheduler, latents, poses, window, t, task.step,
                                              settings, positive, negative, cal_latents, latent_size, guided,
                                              device, dtype)
                 accumulator.add(task.frames, prediction.movedim(0, 1)[None])
                 preview = None
                 if task.last_in_step:
                     fused = accumulator.result()[0].movedim(0, 1)
-                    latents = scheduler.step(fused, t, latents, **step_kwargs).prev_sample
-                    preview = latent_preview(latents[0])
+                    stepped = scheduler.step(fused, t, latents, **step_kwargs)
+                    latents = stepped.prev_sample
+                    denoised = getattr(stepped, "pred_original_sample", None)
+                    preview = latent_preview((latents if denoised is None else denoised)[0])
                 if progress is not None:
                     progress(1, preview)
             bank.clear()
@@ -343,37 +348,40 @@ def _appearance_pass(appearance: torch.nn.Module, bank, run: RunState, group: st
 
 
 def _prepare_window(frames: tuple[int, ...], poses: torch.Tensor, run: RunState, calibration,
-                    cal_key_masks: torch.Tensor | None, device: torch.device, dtype: torch.dtype) -> _Window:
-    """The window's pose images [f,3,H,W], its temperature map and its calibration indices and masks."""
+                    cal_key_masks: torch.Tensor | None, latent_size: tuple[int, int]) -> _Window:
+    """The window's PTM map and calibration indices and masks, on the CPU."""
     index = list(frames)
-    window_poses = poses[index].to(device=device, dtype=torch.float32)
-    temperature = temperature_map(window_poses, run.ptm_tau) if run.ptm is not None else None
+    temperature = temperature_map(poses[index].float(), run.ptm_tau) if run.ptm is not None else None
     calibrated = None
     if calibration is not None:
         cal_index = torch.as_tensor(calibration.frame_to_calibrated[index], dtype=torch.long)
         used = torch.unique(cal_index)
         local = torch.searchsorted(used, cal_index)
-        query = fit_images(calibration.driving_person_masks(index).float()[..., None].expand(-1, -1, -1, 3)
-                           .contiguous(), poses.shape[2], poses.shape[1], "driving person masks")[..., 0]
-        calibrated = (used.to(device), local.to(device), query.to(device), cal_key_masks[used].to(device))
-    return _Window(frames, window_poses.movedim(-1, 1).to(dtype), temperature, calibrated)
+        # Area-averaged to the latent, so each layer's own area average (and 0.5 threshold) sees
+        # the same fractions as from full-size masks, at a 64th of the memory.
+        query = F.interpolate(calibration.driving_person_masks(index).float()[:, None], size=latent_size,
+                              mode="area")[:, 0]
+        calibrated = (used, local, query, cal_key_masks[used])
+    return _Window(frames, temperature, calibrated)
 
 
 def _denoise_window(unet: torch.nn.Module, appearance: torch.nn.Module, bank, run: RunState, scheduler,
-                    latents: torch.Tensor, window: _Window, t: torch.Tensor, step: int, settings: SamplerSettings,
+                    latents: torch.Tensor, poses: torch.Tensor, window: _Window, t: torch.Tensor, step: int,
+                    settings: SamplerSettings,
                     positive: torch.Tensor, negative: torch.Tensor, cal_latents: torch.Tensor | None,
                     latent_size: tuple[int, int], guided: bool, device: torch.device,
                     dtype: torch.dtype) -> torch.Tensor:
     """Guided noise prediction of one window, [f,4,h,w] in float32."""
     frames = len(window.frames)
     x = scheduler.scale_model_input(latents[list(window.frames)], t).to(dtype)
+    window_poses = poses[list(window.frames)].to(device=device, dtype=dtype).movedim(-1, 1)
 
     down_res = mid_res = None
     control = run.controlnet
     if control is not None and control.active(step, settings.steps):
         run.motion.num_frames = frames
         down_res, mid_res = control.controlnet(
-            x, t, encoder_hidden_states=positive.expand(frames, -1, -1).to(dtype), controlnet_cond=window.poses,
+            x, t, encoder_hidden_states=positive.expand(frames, -1, -1).to(dtype), controlnet_cond=window_poses,
             conditioning_scale=control.strength, return_dict=False)
 
     halves = 2 if guided else 1
@@ -382,7 +390,7 @@ def _denoise_window(unet: torch.nn.Module, appearance: torch.nn.Module, bank, ru
         use_reference[:frames] = False
     calibrated_index = query_masks = key_masks = None
     if window.calibrated is not None:
-        used, local, query, key_masks = window.calibrated
+        used, local, query, key_masks = (part.to(device) for part in window.calibrated)
         _appearance_pass(appearance, bank, run, "calibrated", cal_latents[used], t, positive)
         calibrated_index = torch.where(use_reference, local.repeat(halves), torch.full_like(local.repeat(halves), -1))
         query_masks = query.repeat(halves, 1, 1)

@@ -52,6 +52,7 @@ class TCANSampler:
                 "negative": ("CONDITIONING", {"tooltip": "SD1.5 CLIPTextEncode; TCAN uses an empty prompt."}),
                 "vae": ("VAE", {"tooltip": "The SD1.5 VAE (Load Checkpoint's VAE output)."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                                  "control_after_generate": True,
                                   "tooltip": "Seed of the initial noise; the same seed gives the same frames."}),
                 "steps": ("INT", {"default": 25, "min": 1, "max": 1000, "tooltip": "TCAN uses 25."}),
                 "cfg": ("FLOAT", {"default": 7.5, "min": 1.0, "max": 30.0, "step": 0.1,

@@ -70,8 +70,9 @@ class TCANMotionModule:
     def INPUT_TYPES(cls):
         return {"required": {
             "tcan_model": ("TCAN_MODEL", {"tooltip": MODEL_TOOLTIP}),
-            "motion_module": (host.list_models("animatediff_models"), {
-                "tooltip": "AnimateDiff SD1.5 motion module (mm_sd_v15_v2.ckpt is TCAN's)."}),
+            "motion_module": (host.list_models("animatediff_models") + [NONE], {
+                "tooltip": "AnimateDiff SD1.5 motion module (mm_sd_v15_v2.ckpt is TCAN's); 'none' when tcan_unet "
+                           "holds the motion modules."}),
             "tcan_unet": ([NONE] + host.list_models("tcan"), {
                 "default": NONE,
                 "tooltip": "Optional TCAN stage-2 UNet checkpoint; when set, its motion modules replace the "
@@ -84,8 +85,11 @@ class TCANMotionModule:
     def patch(self, tcan_model, motion_module: str, tcan_unet: str, lora_strength: float):
         if tcan_unet != NONE:
             path = host.model_path("tcan", tcan_unet)
-        else:
+        elif motion_module != NONE:
             path = host.model_path("animatediff_models", motion_module)
+        else:
+            raise ValueError("TCAN Motion Module has no file: pick an AnimateDiff motion_module (mm_sd_v15_v2.ckpt "
+                             "in models/animatediff_models) or a TCAN stage-2 tcan_unet checkpoint (models/tcan)")
         model, report = build.add_motion_module(tcan_model, path, lora_strength=lora_strength)
         return with_report(report, (model,))
 
@@ -105,13 +109,19 @@ class TCANAppaLora:
     def INPUT_TYPES(cls):
         return {"required": {
             "tcan_model": ("TCAN_MODEL", {"tooltip": MODEL_TOOLTIP}),
-            "lora_name": (host.list_models("loras"), {"tooltip": "The LoRA file (models/loras)."}),
+            "lora_name": (host.list_models("loras") + [f"tcan/{n}" for n in host.list_models("tcan")], {
+                "tooltip": "The LoRA file (models/loras), or a TCAN stage-1 UNet checkpoint in models/tcan (listed "
+                           "as tcan/...), whose APPA LoRA is read."}),
             "strength": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05,
                                    "tooltip": "1 is the trained effect, 0 turns it off."}),
         }}
 
     def patch(self, tcan_model, lora_name: str, strength: float):
-        model, report = build.add_appa_lora(tcan_model, host.model_path("loras", lora_name), strength)
+        if lora_name.startswith("tcan/") and lora_name[len("tcan/"):] in host.list_models("tcan"):
+            path = host.model_path("tcan", lora_name[len("tcan/"):])
+        else:
+            path = host.model_path("loras", lora_name)
+        model, report = build.add_appa_lora(tcan_model, path, strength)
         return with_report(report, (model,))
 
 

@@ -174,3 +174,17 @@ def test_sampler_node_refuses_conditioning_that_is_not_a_list(pack, models, full
     inputs["positive"] = torch.zeros(1, 77, 64)
     with pytest.raises(ValueError, match="CONDITIONING from CLIPTextEncode"):
         node(pack, "TCANSampler").sample(**inputs)
+
+
+def test_appa_lora_node_reads_the_lora_inside_a_tcan_stage1_unet(pack, models, loaded):
+    name = "tcan/" + rel(models, "tcan_unet_stage1_ckpt", "tcan")
+    (model,), report = result(node(pack, "TCANAppaLora").patch(loaded, name, 1.0))
+    assert model.patch("lora") is not None and "inside the TCAN UNet checkpoint" in report
+
+
+def test_motion_module_node_needs_a_file(pack, models, loaded):
+    with pytest.raises(ValueError, match="has no file"):
+        node(pack, "TCANMotionModule").patch(loaded, "none", "none", 1.0)
+    (model,), _ = result(node(pack, "TCANMotionModule").patch(loaded, "none", rel(models, "tcan_unet_stage2_ckpt",
+                                                                                   "tcan"), 1.0))
+    assert model.patch("motion") is not None

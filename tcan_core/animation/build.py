@@ -65,8 +65,8 @@ def add_motion_module(model: TCANModel, path: str | os.PathLike, dtype: torch.dt
         parts = load_tcan_unet(p, model.unet, dtype=dtype)
         if parts.motion_adapter is None:
             raise ModelFormatError(f"{p.name} is a TCAN UNet checkpoint without motion modules (a stage-1 "
-                                   "checkpoint); load it with TCAN APPA LoRA, and pick an AnimateDiff motion "
-                                   "module (mm_sd_v15_v2.ckpt) here")
+                                   "checkpoint); choose it in TCAN APPA LoRA (it reads the LoRA inside), and pick an "
+                                   "AnimateDiff motion module (mm_sd_v15_v2.ckpt) here with tcan_unet 'none'")
         out = model.with_patch(MotionPatch(parts.motion_adapter, str(p)))
         lines = [f"Motion modules from the TCAN stage-2 UNet {p.name}."]
         if parts.lora is not None:
@@ -84,10 +84,22 @@ def add_motion_module(model: TCANModel, path: str | os.PathLike, dtype: torch.dt
 
 
 def add_appa_lora(model: TCANModel, path: str | os.PathLike, strength: float = 1.0) -> tuple[TCANModel, str]:
-    """Add a LoRA (peft, diffusers or kohya keys) on the denoising UNet at ``strength``."""
-    parsed = load_lora(path, model.unet)
+    """Add a LoRA (peft, diffusers or kohya keys, or the one inside a TCAN UNet checkpoint) at ``strength``."""
+    from ..models.state_dict import read_shapes
+    from ..models.tcan_ckpt import detect_tcan_checkpoint, load_tcan_unet
+
+    p = Path(path)
+    if p.is_file() and detect_tcan_checkpoint(read_shapes(p)) == "tcan_unet":
+        parsed = load_tcan_unet(p, model.unet, dtype=next(model.unet.parameters()).dtype).lora
+        if parsed is None:
+            raise ModelFormatError(f"{p.name} is a TCAN UNet checkpoint without APPA LoRA weights; choose it in "
+                                   "TCAN Motion Module (it holds motion modules) and pick a LoRA file here")
+        where = "the APPA LoRA inside the TCAN UNet checkpoint"
+    else:
+        parsed = load_lora(p, model.unet)
+        where = f"{parsed.layout} keys"
     patch = LoraPatch(parsed, strength)
-    report = f"LoRA {Path(path).name} ({parsed.layout} keys) at strength {strength:g}: {parsed.coverage.describe()}."
+    report = f"LoRA {p.name} ({where}) at strength {strength:g}: {parsed.coverage.describe()}."
     if parsed.ignored_keys:
         report += f" {len(parsed.ignored_keys)} text-encoder keys ignored (APPA patches the UNet)."
     if model.appearance_unet is None and strength != 0:

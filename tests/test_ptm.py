@@ -176,6 +176,81 @@ def test_fused_equals_materialised_logits(latent, level, batch, frames):
         assert not torch.allclose(fused, attn(hidden), atol=1e-4)
 
 
+def count_chunks(attn: Attention):
+    """A list that gets one entry per ``to_q`` call of ``attn`` (one per row chunk), and the hook handle."""
+    calls: list[int] = []
+    handle = attn.to_q.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    return calls, handle
+
+
+@pytest.mark.parametrize("latent, level, batch, chunk_rows", [
+    ((6, 10), 0, 2, 7),  # chunks cut through locations and batches
+    ((6, 10), 1, 3, 15),  # chunk = exactly one batch's locations
+    ((5, 7), 2, 2, 1),
+])
+@torch.no_grad()
+def test_row_chunks_equal_one_chunk_and_the_materialised_logits(latent, level, batch, chunk_rows):
+    frames, channels = 6, 32
+    attn = make_attention(channels, 4, seed=4)
+    generator = torch.Generator().manual_seed(6)
+    latent_map = 1 + 3 * torch.rand(latent, generator=generator)
+    state = PTMState()
+    state.set(latent_map)
+    height, width = level_size(latent, level)
+    rows = batch * height * width
+    hidden = torch.randn(rows, frames, channels, generator=generator)
+
+    attn.set_processor(PTMAttnProcessor(state, level, chunk_bytes=None))
+    whole = attn(hidden)
+    processor = PTMAttnProcessor(state, level, chunk_bytes=chunk_rows * frames * channels * 4)
+    assert processor.chunk_rows(rows, frames, channels, 4) == chunk_rows
+    attn.set_processor(processor)
+    calls, handle = count_chunks(attn)
+    try:
+        chunked = attn(hidden)
+    finally:
+        handle.remove()
+    assert len(calls) == math.ceil(rows / chunk_rows) and sum(calls) == rows
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+    reference = materialised(attn, hidden, resize_temperature(latent_map, height, width), batch)
+    torch.testing.assert_close(chunked, reference, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_row_chunks_without_a_map_match_attn_processor_2_0_with_a_mask():
+    attn = make_attention(32, 4, seed=7)
+    generator = torch.Generator().manual_seed(8)
+    rows, frames = 2 * 6 * 10, 5
+    hidden = torch.randn(rows, frames, 32, generator=generator)
+    mask = torch.randn(rows, 1, frames, generator=generator)
+    attn.set_processor(AttnProcessor2_0())
+    plain = attn(hidden, attention_mask=mask)
+    attn.set_processor(PTMAttnProcessor(PTMState(), level=0, chunk_bytes=11 * frames * 32 * 4))
+    calls, handle = count_chunks(attn)
+    try:
+        chunked = attn(hidden, attention_mask=mask)
+    finally:
+        handle.remove()
+    assert calls == [11] * 10 + [10]
+    torch.testing.assert_close(chunked, plain, rtol=1e-6, atol=1e-6)
+
+
+def test_the_default_chunk_keeps_sd15_slabs_small():
+    processor = PTMAttnProcessor(PTMState(), level=0)
+    # 64 x 64 latent with guidance: 8192 rows of 16 frames x 320 channels, 168 MiB per float32 slab.
+    chunk = processor.chunk_rows(8192, 16, 320, 4)
+    assert 1 < chunk < 8192 and chunk * 16 * 320 * 4 <= processor.chunk_bytes
+    assert processor.chunk_rows(100, 16, 320, 4) == 100
+    assert PTMAttnProcessor(PTMState(), chunk_bytes=None).chunk_rows(8192, 16, 320, 4) == 8192
+    assert processor.chunk_rows(4, 4096, 4096, 4) == 1
+
+
+@pytest.mark.parametrize("chunk_bytes", [0, -5, 2.5, True])
+def test_processor_bad_chunk_bytes(chunk_bytes):
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        PTMAttnProcessor(PTMState(), chunk_bytes=chunk_bytes)
+
+
 def test_rows_rule_without_a_level_takes_the_largest_size_that_divides():
     state = PTMState()
     state.set(torch.full((8, 8), 2.0))

@@ -7,6 +7,8 @@ spatial location of every temporal-attention layer the attention logits are divi
 (nearest) to that layer's h x w. Dividing the logits ``q k^T * scale`` by T is the same as
 multiplying the query by 1 / T, so the processor scales the query in place and keeps the fused
 ``scaled_dot_product_attention`` kernel: no [rows, heads, frames, frames] logits are materialised.
+It also runs the rows (locations) in chunks, so q, k, v and the attention output exist for one
+chunk at a time and the layer's peak memory is little more than its input and output.
 
 Wiring: one :class:`PTMState` per model holds the map of the window being sampled;
 :func:`install_ptm` puts a :class:`PTMAttnProcessor` reading that state on every temporal
@@ -44,6 +46,12 @@ DEFAULT_TAU = 3.0
 # A pose pixel counts as drawn when any channel exceeds this; rendered poses are drawn on pure
 # black, and the margin keeps resampling and compression noise out of B.
 BLACK_THRESHOLD = 8.0 / 255.0
+# Temporal attention runs its rows in chunks of about this many bytes per [rows, frames, channels]
+# slab. At SD1.5's 64 x 64 latent with guidance a whole slab is 168 MiB in float32, and q, k, v,
+# the attention output and its projection would hold five of them at once; 32 MiB slabs keep the
+# intermediates well under the size of the layer's input and output, with matrix products still
+# thousands of rows tall.
+DEFAULT_CHUNK_BYTES = 32 * 2**20
 
 
 def temperature_map(pose_images: torch.Tensor, tau: float = DEFAULT_TAU,
@@ -78,6 +86,9 @@ def temperature_map(pose_images: torch.Tensor, tau: float = DEFAULT_TAU,
     # distanceTransform measures, for every non-zero pixel, the distance to the nearest zero one.
     outside = (~drawn).to(device="cpu", dtype=torch.uint8).numpy()
     distance = cv2.distanceTransform(outside, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    # Distances between pixel centres are square roots of whole numbers; OpenCV's parallel pass
+    # leaves run-to-run float noise in them, so snap to the exact value: same input, same map.
+    distance = np.sqrt(np.rint(distance.astype(np.float64) ** 2))
     half_diagonal = math.sqrt((height / 2.0) ** 2 + (width / 2.0) ** 2)
     normalised = torch.from_numpy(distance.astype(np.float64) / half_diagonal)
     return (tau * normalised + 1.0).to(device=pose_images.device, dtype=pose_images.dtype)
@@ -194,17 +205,37 @@ class PTMAttnProcessor:
     Receives ``hidden_states`` [B*h*w, F, C] (rows ordered batch, y, x as
     ``AnimateDiffTransformer3D`` lays them out); multiplies the query row of location (y, x) by
     1 / T[y, x] and calls ``scaled_dot_product_attention``. An attention mask, if given, is added
-    after the temperature. With no map set, or a map of ones, it runs exactly the operations of
-    ``AttnProcessor2_0``.
+    after the temperature.
+
+    Rows are independent (each is one location's sequence of frames), so they are processed in
+    chunks of about ``chunk_bytes`` per [rows, F, C] slab: projections, attention and output
+    projection of one chunk are written into the output before the next starts, and the
+    intermediates never hold more than a few slabs instead of five copies of the whole input.
+    ``chunk_bytes=None`` processes all rows at once. When every row fits one chunk and no map is
+    set (or a map of ones), it runs exactly the operations of ``AttnProcessor2_0``; with several
+    chunks the projections see fewer rows, which matrix-multiply kernels may round differently
+    (float tolerance).
     """
 
-    def __init__(self, state: PTMState, level: int | None = None) -> None:
+    def __init__(self, state: PTMState, level: int | None = None,
+                 chunk_bytes: int | None = DEFAULT_CHUNK_BYTES) -> None:
         if not isinstance(state, PTMState):
             raise ValueError(f"state must be a PTMState, got {type(state).__name__}")
         if level is not None and (int(level) != level or level < 0):
             raise ValueError(f"level must be a UNet level >= 0 or None, got {level}")
+        if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int)
+                                        or chunk_bytes < 1):
+            raise ValueError(f"chunk_bytes must be a whole number of bytes >= 1, or None for no chunking; "
+                             f"got {chunk_bytes!r}")
         self.state = state
         self.level = level
+        self.chunk_bytes = chunk_bytes
+
+    def chunk_rows(self, rows: int, frames: int, channels: int, element_size: int) -> int:
+        """Rows per chunk for [rows, frames, channels] slabs of ``element_size`` bytes (at least 1)."""
+        if self.chunk_bytes is None:
+            return rows
+        return max(1, min(rows, self.chunk_bytes // max(1, frames * channels * element_size)))
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
@@ -223,6 +254,36 @@ class PTMAttnProcessor:
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
             attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        rows, frames, channels = hidden_states.shape
+        inverse = None
+        if self.state.active:
+            inverse = inverse_temperature_per_row(self.state, rows, self.level, hidden_states.device,
+                                                  hidden_states.dtype)
+
+        width = max(channels, int(getattr(attn, "inner_dim", channels)))
+        chunk = self.chunk_rows(rows, frames, width, hidden_states.element_size())
+        if chunk >= rows:
+            return self._attend(attn, hidden_states, residual, encoder_hidden_states, attention_mask, inverse)
+        out = None
+        for start in range(0, rows, chunk):
+            part = slice(start, min(start + chunk, rows))
+            result = self._attend(
+                attn, hidden_states[part], residual[part],
+                None if encoder_hidden_states is None else encoder_hidden_states[part],
+                None if attention_mask is None else attention_mask[part],
+                None if inverse is None else inverse[part])
+            if out is None:
+                out = result.new_empty((rows, *result.shape[1:]))
+            out[part] = result
+            del result
+        return out
+
+    @staticmethod
+    def _attend(attn: Any, hidden_states: torch.Tensor, residual: torch.Tensor,
+                encoder_hidden_states: torch.Tensor | None, attention_mask: torch.Tensor | None,
+                inverse: torch.Tensor | None) -> torch.Tensor:
+        """``AttnProcessor2_0`` on rows [R, F, C] with the query of row r scaled by ``inverse[r]`` -> [R, F, C]."""
+        batch_size = hidden_states.shape[0]
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
@@ -233,6 +294,7 @@ class PTMAttnProcessor:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
         key = attn.to_k(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
+        del encoder_hidden_states
 
         inner_dim = key.shape[-1]
         head_dim = inner_dim // attn.heads
@@ -244,14 +306,14 @@ class PTMAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        if self.state.active:
+        if inverse is not None:
             # Right before the dot product, so that no normalisation undoes the scaling.
-            scale_query_by_temperature_(query, self.state, self.level)
+            query.mul_(inverse.view(-1, 1, 1, 1))
 
         hidden_states = F.scaled_dot_product_attention(
             query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
         )
-        # Free q, k, v before the output projection: at SD1.5 sizes they are most of the peak.
+        # Free q, k, v before the output projection: they are most of the peak.
         dtype = query.dtype
         del query, key, value
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
@@ -264,13 +326,17 @@ class PTMAttnProcessor:
         return hidden_states
 
 
+def inverse_temperature_per_row(state: PTMState, rows: int, level: int | None, device: torch.device,
+                                dtype: torch.dtype) -> torch.Tensor:
+    """1 / T for each of ``rows`` = batch * h * w query rows (batch, y, x order) of one layer; [rows]."""
+    height, width = state.layer_size(rows, level)
+    return state.inverse_rows(height, width, device, dtype).repeat(rows // (height * width))
+
+
 def scale_query_by_temperature_(query: torch.Tensor, state: PTMState, level: int | None = None) -> torch.Tensor:
     """Multiply query row (b, y, x) by 1 / T[y, x] in place, TCAN PTM; [B*h*w, heads, F, d] -> same tensor."""
-    rows = query.shape[0]
-    height, width = state.layer_size(rows, level)
-    inverse = state.inverse_rows(height, width, query.device, query.dtype)
-    query.unflatten(0, (rows // (height * width), height * width)).mul_(inverse.view(1, -1, 1, 1, 1))
-    return query
+    inverse = inverse_temperature_per_row(state, query.shape[0], level, query.device, query.dtype)
+    return query.mul_(inverse.view(-1, 1, 1, 1))
 
 
 def temporal_attention_levels(module: torch.nn.Module) -> dict[str, int | None]:

@@ -209,6 +209,7 @@ class _Window:
         self.calibrated = calibrated
 
 
+@torch.no_grad()
 def sample_animation(model: TCANModel, reference: torch.Tensor, poses: torch.Tensor, positive: torch.Tensor,
                      negative: torch.Tensor, vae: VAELike, settings: SamplerSettings = SamplerSettings(),
                      calibration=None, device: torch.device | str | None = None,
@@ -325,17 +326,22 @@ def sample_animation(model: TCANModel, reference: torch.Tensor, poses: torch.Ten
 
 
 def decode_frames(vae: VAELike, raw_latents: torch.Tensor, chunk: int = DEFAULT_DECODE_CHUNK) -> torch.Tensor:
-    """Unscaled latents [F,4,h,w] -> IMAGE [F,8h,8w,3] on the CPU, ``chunk`` frames at a time; NaN -> clear error."""
-    parts = []
+    """Unscaled latents [F,4,h,w] -> IMAGE [F,8h,8w,3] on the CPU, ``chunk`` frames at a time; NaN -> clear error.
+
+    Each chunk is written into one preallocated output, so the decoded clip exists once.
+    """
+    frames: torch.Tensor | None = None
     for start in range(0, raw_latents.shape[0], chunk):
-        images = vae.decode(raw_latents[start:start + chunk]).float().cpu()
+        images = vae.decode(raw_latents[start:start + chunk])
         if not bool(torch.isfinite(images).all()):
             raise FloatingPointError(f"the VAE decoded NaN or infinite pixels in frames {start}.."
                                      f"{min(start + chunk, raw_latents.shape[0]) - 1} while the latents are finite; "
                                      "SD1.5 VAEs overflow in float16: decode in float32 (ComfyUI: --fp32-vae, or "
                                      "a VAE Loader with the fp16-fixed VAE)")
-        parts.append(images)
-    return torch.cat(parts)
+        if frames is None:
+            frames = torch.empty((raw_latents.shape[0], *images.shape[1:]), dtype=torch.float32)
+        frames[start:start + images.shape[0]] = images.float().cpu()
+    return frames
 
 
 def _appearance_pass(appearance: torch.nn.Module, bank, run: RunState, group: str, latents: torch.Tensor,

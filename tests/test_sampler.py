@@ -297,3 +297,17 @@ class NaNVAE:
 def test_nan_from_the_vae_names_the_vae_and_suggests_fp32():
     with pytest.raises(FloatingPointError, match="VAE decoded NaN.*frames 0..1.*float32"):
         decode_frames(NaNVAE(), torch.zeros(2, 4, 1, 1))
+
+
+def test_face_id_patch_in_the_sampler_scale_zero_is_no_patch(full, parts, tmp_path):
+    from tcan_core.face import FaceIDPatch, clip_image_embeddings, load_id_animator
+    from tcan_core.tiny.face_adapter import build_tiny_clip_vision, write_tiny_id_animator
+
+    weights = load_id_animator(write_tiny_id_animator(tmp_path / "animator.ckpt", parts["unet"]), parts["unet"])
+    faces = clip_image_embeddings(build_tiny_clip_vision(), torch.rand(1, 224, 224, 3,
+                                                                       generator=torch.Generator().manual_seed(2)))
+    plain = run(full, parts)
+    assert torch.equal(plain, run(full.with_patch(FaceIDPatch(weights, faces, scale=0.0)), parts))
+    with_face = run(full.with_patch(FaceIDPatch(weights, faces, scale=0.8)), parts)
+    assert not torch.equal(plain, with_face)
+    assert torch.equal(run(full, parts), plain)

@@ -194,6 +194,31 @@ def _modules_on(device: torch.device, *modules: torch.nn.Module) -> Iterator[Non
             module.to(home)
 
 
+@dataclass(frozen=True)
+class _Contexts:
+    """Text contexts of one call: ``text`` for the ControlNet; ``positive``/``negative`` for the denoising
+    UNet, with a face-ID patch's tokens appended after the text; ``appearance`` for the reference pass
+    (with the face tokens only when the appearance UNet is the denoising UNet, whose cross-attention
+    then splits them off)."""
+
+    text: torch.Tensor
+    positive: torch.Tensor
+    negative: torch.Tensor
+    appearance: torch.Tensor
+
+    @classmethod
+    def for_run(cls, run: RunState, positive: torch.Tensor, negative: torch.Tensor, shared: bool) -> "_Contexts":
+        face = getattr(run, "face_tokens", None)
+        if face is None:
+            return cls(positive, positive, negative, positive)
+        from ..face import append_face_tokens
+
+        face_uncond = getattr(run, "face_tokens_uncond", None)
+        with_face = append_face_tokens(positive, face)
+        return cls(positive, with_face, append_face_tokens(negative, face if face_uncond is None else face_uncond),
+                   with_face if shared else positive)
+
+
 class _Window:
     """What a window needs at every step, prepared once and kept on the CPU (small: no pixels of the clip).
 
@@ -254,6 +279,7 @@ def sample_animation(model: TCANModel, reference: torch.Tensor, poses: torch.Ten
     unet = model.unet
     appearance = model.appearance_unet if model.appearance_unet is not None else unet
     dtype = next(unet.parameters()).dtype
+    positive, negative = positive.to(device), negative.to(device)
     latent_size = (height // 8, width // 8)
     notes: list[str] = []
 
@@ -288,19 +314,20 @@ def sample_animation(model: TCANModel, reference: torch.Tensor, poses: torch.Ten
 
         # 4. Patches and reference attention for exactly this call.
         with model.patched(run), reference_attention(bank, unet, appearance):
+            contexts = _Contexts.for_run(run, positive, negative, shared=appearance is unet)
             for task in plan:
                 if check_cancel is not None:
                     check_cancel()
                 t = scheduler.timesteps[task.step]
                 if task.first_in_step:
                     accumulator.reset()
-                    _appearance_pass(appearance, bank, run, "reference", ref_latent, t, positive)
+                    _appearance_pass(appearance, bank, run, "reference", ref_latent, t, contexts.appearance)
                 window = windows.get(task.window)
                 if window is None:
                     window = _prepare_window(task.frames, poses, run, calibration, cal_key_masks, latent_size)
                     windows[task.window] = window
                 prediction = _denoise_window(unet, appearance, bank, run, scheduler, latents, poses, window, t, task.step,
-                                             settings, positive, negative, cal_latents, latent_size, guided,
+                                             settings, contexts, cal_latents, latent_size, guided,
                                              device, dtype)
                 accumulator.add(task.frames, prediction.movedim(0, 1)[None])
                 preview = None
@@ -374,7 +401,7 @@ def _prepare_window(frames: tuple[int, ...], poses: torch.Tensor, run: RunState,
 def _denoise_window(unet: torch.nn.Module, appearance: torch.nn.Module, bank, run: RunState, scheduler,
                     latents: torch.Tensor, poses: torch.Tensor, window: _Window, t: torch.Tensor, step: int,
                     settings: SamplerSettings,
-                    positive: torch.Tensor, negative: torch.Tensor, cal_latents: torch.Tensor | None,
+                    contexts: "_Contexts", cal_latents: torch.Tensor | None,
                     latent_size: tuple[int, int], guided: bool, device: torch.device,
                     dtype: torch.dtype) -> torch.Tensor:
     """Guided noise prediction of one window, [f,4,h,w] in float32."""
@@ -387,7 +414,7 @@ def _denoise_window(unet: torch.nn.Module, appearance: torch.nn.Module, bank, ru
     if control is not None and control.active(step, settings.steps):
         run.motion.num_frames = frames
         down_res, mid_res = control.controlnet(
-            x, t, encoder_hidden_states=positive.expand(frames, -1, -1).to(dtype), controlnet_cond=window_poses,
+            x, t, encoder_hidden_states=contexts.text.expand(frames, -1, -1).to(dtype), controlnet_cond=window_poses,
             conditioning_scale=control.strength, return_dict=False)
 
     halves = 2 if guided else 1
@@ -397,19 +424,20 @@ def _denoise_window(unet: torch.nn.Module, appearance: torch.nn.Module, bank, ru
     calibrated_index = query_masks = key_masks = None
     if window.calibrated is not None:
         used, local, query, key_masks = (part.to(device) for part in window.calibrated)
-        _appearance_pass(appearance, bank, run, "calibrated", cal_latents[used], t, positive)
+        _appearance_pass(appearance, bank, run, "calibrated", cal_latents[used], t, contexts.appearance)
         calibrated_index = torch.where(use_reference, local.repeat(halves), torch.full_like(local.repeat(halves), -1))
         query_masks = query.repeat(halves, 1, 1)
     bank.set_read(latent_size, use_reference, calibrated_index, query_masks, key_masks)
 
     if guided:
         model_in = torch.cat([x, x])
-        context = torch.cat([negative.expand(frames, -1, -1), positive.expand(frames, -1, -1)]).to(dtype)
+        context = torch.cat([contexts.negative.expand(frames, -1, -1),
+                             contexts.positive.expand(frames, -1, -1)]).to(dtype)
         if down_res is not None:
             down_res = [r.repeat(2, 1, 1, 1) for r in down_res]
             mid_res = mid_res.repeat(2, 1, 1, 1)
     else:
-        model_in, context = x, positive.expand(frames, -1, -1).to(dtype)
+        model_in, context = x, contexts.positive.expand(frames, -1, -1).to(dtype)
 
     run.motion.num_frames = frames
     if run.ptm is not None:

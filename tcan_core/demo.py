@@ -31,7 +31,7 @@ from .pose.smooth import smooth_poses
 from .tiny.tree import write_demo_tree
 from .tpc import calibrate
 from .tpc.preview import preview_frames
-from .pipeline import AnimateOptions, animate
+from .pipeline import AnimateOptions, animate, write_video
 from .pose.pose_json import save_pose_json
 from .pose_format import to_pose_keypoint
 
@@ -47,17 +47,6 @@ def _save_png(path: Path, image: np.ndarray) -> None:
 def _sheet(frames: np.ndarray, step: int) -> np.ndarray:
     """Every ``step``-th frame of ``[F,H,W,3]`` side by side."""
     return np.concatenate(list(frames[::step]), axis=1)
-
-
-def _save_video(path: Path, frames: np.ndarray, fps: float = 12.0) -> bool:
-    h, w = frames.shape[1:3]
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
-    if not writer.isOpened():
-        return False
-    for frame in frames:
-        writer.write(np.ascontiguousarray(frame[..., ::-1]))
-    writer.release()
-    return path.is_file() and path.stat().st_size > 0
 
 
 def run_demo(out: Path) -> Iterator[str]:
@@ -94,7 +83,7 @@ def run_demo(out: Path) -> Iterator[str]:
     retargeted = retarget_poses(character, smoothed, canvas="reference")
     rendered = render_poses(retargeted.poses)
     _save_png(out / "pose_retargeted.png", _sheet(rendered, 4))
-    video = "and pose_retargeted.mp4" if _save_video(out / "pose_retargeted.mp4", rendered) else "(no mp4 encoder)"
+    video = "and pose_retargeted.mp4" if write_video(out / "pose_retargeted.mp4", rendered) else "(no mp4 encoder)"
     yield (f"poses: {dance.num_frames} driving frames smoothed and retargeted to the character "
            f"(body scale {retargeted.body_scale:.2f}); wrote pose_retargeted.png {video}")
 
@@ -110,7 +99,7 @@ def run_demo(out: Path) -> Iterator[str]:
     for line in result.report:
         yield line
     _save_png(out / "animation.png", _sheet(result.frames, 4))
-    video = "and animation.mp4" if _save_video(out / "animation.mp4", result.frames) else "(no mp4 encoder)"
+    video = "and animation.mp4" if write_video(out / "animation.mp4", result.frames) else "(no mp4 encoder)"
     if result.temperature is not None:
         _save_png(out / "temperature_map.png", (np.repeat(result.temperature[..., None], 3, -1) * 255).astype(np.uint8))
     height, width = result.frames.shape[1:3]

@@ -5,7 +5,7 @@ from the person: B is the union over a window's frames of the non-black pixels o
 poses, D the Euclidean distance to B divided by the half-diagonal, and T = tau * D + 1. At each
 spatial location of every temporal-attention layer the attention logits are divided by T resized
 (nearest) to that layer's h x w. Dividing the logits ``q k^T * scale`` by T is the same as
-multiplying the query by 1 / T, so the processor scales the query in place and keeps the fused
+multiplying the query by 1 / T, so the processor scales the query and keeps the fused
 ``scaled_dot_product_attention`` kernel: no [rows, heads, frames, frames] logits are materialised.
 It also runs the rows (locations) in chunks, so q, k, v and the attention output exist for one
 chunk at a time and the layer's peak memory is little more than its input and output.
@@ -39,6 +39,8 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from . import attention
 
 log = logging.getLogger(__name__)
 
@@ -244,16 +246,8 @@ class PTMAttnProcessor:
         if hidden_states.ndim != 3:
             raise ValueError(f"PTM applies to temporal attention with hidden states [B*h*w, frames, C], got "
                              f"{tuple(hidden_states.shape)}; install it only on motion-module attentions")
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-
-        batch_size, sequence_length, _ = (
-            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
-        )
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        prepared = attention.begin(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        hidden_states, residual, attention_mask = prepared.hidden_states, prepared.residual, prepared.attention_mask
         rows, frames, channels = hidden_states.shape
         inverse = None
         if self.state.active:
@@ -283,47 +277,11 @@ class PTMAttnProcessor:
                 encoder_hidden_states: torch.Tensor | None, attention_mask: torch.Tensor | None,
                 inverse: torch.Tensor | None) -> torch.Tensor:
         """``AttnProcessor2_0`` on rows [R, F, C] with the query of row r scaled by ``inverse[r]`` -> [R, F, C]."""
-        batch_size = hidden_states.shape[0]
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        del encoder_hidden_states
-
-        inner_dim = key.shape[-1]
-        head_dim = inner_dim // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-
-        if inverse is not None:
-            # Right before the dot product, so that no normalisation undoes the scaling.
-            query.mul_(inverse.view(-1, 1, 1, 1))
-
-        hidden_states = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
-        )
+        query, key, value = attention.project(attn, hidden_states, encoder_hidden_states)
+        hidden_states = attention.multi_head_attention(attn, query, key, value, attention_mask, row_scale=inverse)
         # Free q, k, v before the output projection: they are most of the peak.
-        dtype = query.dtype
         del query, key, value
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-        hidden_states = hidden_states.to(dtype)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        hidden_states = hidden_states / attn.rescale_output_factor
-        return hidden_states
+        return attention.finish(attn, hidden_states, residual)
 
 
 def inverse_temperature_per_row(state: PTMState, rows: int, level: int | None, device: torch.device,

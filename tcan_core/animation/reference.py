@@ -48,6 +48,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
+from . import attention
 from .ptm import level_size
 
 log = logging.getLogger(__name__)
@@ -324,60 +325,16 @@ class ReferenceAttnProcessor:
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
                  *args: Any, **kwargs: Any) -> torch.Tensor:
         """[B,N,C] -> [B,N,C]: self-attention, over ``[frame; ref(; cal)]`` for rows that use the reference."""
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        batch_size, sequence_length, _ = (
-            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
-        )
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
+        prepared = attention.begin(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         mode = self.bank.mode
         if mode == MODE_WRITE:
-            self.bank.store(self.name, hidden_states)
-
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        inner_dim = key.shape[-1]
-        head_dim = inner_dim // attn.heads
-
+            self.bank.store(self.name, prepared.hidden_states)
+        query, key, value = attention.project(attn, prepared.hidden_states, encoder_hidden_states)
         if mode == MODE_READ and self.bank.reads_reference:
-            hidden_states = self._read(attn, query, key, value, attention_mask)
+            hidden_states = self._read(attn, query, key, value, prepared.attention_mask)
         else:
-            query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            if attn.norm_q is not None:
-                query = attn.norm_q(query)
-            if attn.norm_k is not None:
-                key = attn.norm_k(key)
-            hidden_states = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
-            )
-            hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-        hidden_states = hidden_states.to(query.dtype)
-
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        hidden_states = hidden_states / attn.rescale_output_factor
-        return hidden_states
+            hidden_states = attention.multi_head_attention(attn, query, key, value, prepared.attention_mask)
+        return attention.finish(attn, hidden_states, prepared.residual, prepared.shape_4d)
 
     def layer_size(self, tokens: int) -> tuple[int, int]:
         """(h, w) of this layer for the bank's latent size: its level's, or the chain size with h * w == tokens."""
@@ -424,10 +381,10 @@ class ReferenceAttnProcessor:
         out = query.new_empty((rows, tokens, inner_dim))
         if plan.plain_rows.numel():
             index = plan.plain_rows
-            out[index] = _attend(attn, query[index], key[index], value[index])
+            out[index] = attention.multi_head_attention(attn, query[index], key[index], value[index])
         if plan.base_rows.numel():
             index = plan.base_rows
-            out[index] = _attend(attn, query[index], _with_reference(key, key_ref, index),
+            out[index] = attention.multi_head_attention(attn, query[index], _with_reference(key, key_ref, index),
                                  _with_reference(value, value_ref, index))
         if plan.calibrated_rows.numel():
             out[plan.calibrated_rows] = self._calibrated(attn, plan, size, query, key, value, key_ref, value_ref, out)
@@ -462,25 +419,11 @@ class ReferenceAttnProcessor:
             # Key-only mask [S,1,1,K]: it broadcasts over heads and queries, nothing dense is built.
             visible = plan.key_in.new_ones((index.shape[0], keys.shape[1] - key_cal.shape[1]))
             mask = torch.cat([visible, plan.key_in], dim=1)[:, None, None, :]
-        result = _attend(attn, query[index], keys, values, mask)
+        result = attention.multi_head_attention(attn, query[index], keys, values, mask)
         if plan.partial.numel():
             part = plan.partial
             result[part] = torch.where(plan.query_in[:, :, None], result[part], out[index[part]])
         return result
-
-
-def _attend(attn: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-            mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Multi-head attention as ``AttnProcessor2_0`` runs it; q [R,N,inner], k and v [R,K,inner] -> [R,N,inner]."""
-    heads = attn.heads
-    head_dim = key.shape[-1] // heads
-    query, key, value = (t.view(t.shape[0], -1, heads, head_dim).transpose(1, 2) for t in (query, key, value))
-    if attn.norm_q is not None:
-        query = attn.norm_q(query)
-    if attn.norm_k is not None:
-        key = attn.norm_k(key)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False)
-    return out.transpose(1, 2).reshape(out.shape[0], -1, heads * head_dim)
 
 
 def _with_reference(frame: torch.Tensor, reference: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..animation import attention
 from ..models.errors import ModelFormatError, WrongBaseModelError
 from ..models.lora import LoraPatch, LoraWeights, ParsedLora, appa_coverage
 from ..models.state_dict import format_keys, load_state_dict_file, load_strict
@@ -122,8 +123,8 @@ class Resampler(nn.Module):
             x = x + self.pos_emb(torch.arange(x.shape[1], device=x.device))
         latents = self.latents.expand(x.shape[0], -1, -1)
         x = self.proj_in(x)
-        for attention, feed_forward in self.layers:
-            latents = attention(x, latents) + latents
+        for perceiver_attention, feed_forward in self.layers:
+            latents = perceiver_attention(x, latents) + latents
             latents = feed_forward(latents) + latents
         return self.norm_out(self.proj_out(latents))
 
@@ -321,10 +322,6 @@ class FaceState:
     scale: float = DEFAULT_SCALE
 
 
-def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
-    return t.view(t.shape[0], -1, heads, t.shape[-1] // heads).transpose(1, 2)
-
-
 class FaceAttnProcessor:
     """``attn2`` processor of ID-Animator: context = [text ; face], output = Attn(q, text) + scale * Attn(q, face).
 
@@ -355,64 +352,19 @@ class FaceAttnProcessor:
             if self.state.scale == 0:
                 face = None
 
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        batch_size, sequence_length, _ = (
-            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
-        )
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        inner_dim = key.shape[-1]
-        head_dim = inner_dim // attn.heads
-
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        hidden_states = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
-        )
+        prepared = attention.begin(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        query, key, value = attention.project(attn, prepared.hidden_states, encoder_hidden_states)
+        hidden_states = attention.multi_head_attention(attn, query, key, value, prepared.attention_mask)
         if face is not None:
             hidden_states = hidden_states + self.state.scale * self._face_attention(attn, query, face)
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-        hidden_states = hidden_states.to(query.dtype)
-
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        hidden_states = hidden_states / attn.rescale_output_factor
-        return hidden_states
+        return attention.finish(attn, hidden_states, prepared.residual, prepared.shape_4d)
 
     def _face_attention(self, attn: Any, query: torch.Tensor, face: torch.Tensor) -> torch.Tensor:
-        """Attention of the (already headed) query [B,h,N,d] over the face tokens [B|1,n,D] -> [B,h,N,d]."""
+        """Attention of the query [B,N,inner] over the face tokens [B|1,n,D] -> [B,N,inner]."""
         face = face.expand(query.shape[0], -1, -1).to(query.dtype)
-        key = _heads(F.linear(face, self.to_k_face.to(face)), attn.heads)
-        value = _heads(F.linear(face, self.to_v_face.to(face)), attn.heads)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        return F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        key = F.linear(face, self.to_k_face.to(face))
+        value = F.linear(face, self.to_v_face.to(face))
+        return attention.multi_head_attention(attn, query, key, value)
 
 
 @contextlib.contextmanager

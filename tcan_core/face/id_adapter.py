@@ -40,7 +40,7 @@ from torch import nn
 from ..animation import attention
 from ..models.errors import ModelFormatError, WrongBaseModelError
 from ..models.lora import LoraPatch, LoraWeights, ParsedLora, appa_coverage
-from ..models.state_dict import format_keys, load_state_dict_file, load_strict
+from ..models.state_dict import fit_problems, format_keys, load_state_dict_file, load_strict, shapes_of
 
 log = logging.getLogger(__name__)
 
@@ -271,21 +271,10 @@ def parse_id_animator_state_dict(sd: Mapping[str, torch.Tensor], unet: nn.Module
             rank = int(down.shape[0]) if down is not None and down.ndim == 2 else -1
             expected[f"{i}.{proj}_lora.down.weight"] = (rank, lora_in[proj])
             expected[f"{i}.{proj}_lora.up.weight"] = (lora_out[proj], rank)
-    missing = sorted(set(expected) - set(adapter_sd))
-    unexpected = sorted(set(adapter_sd) - set(expected))
-    wrong = [f"{k} (file {list(v.shape)}, UNet needs {list(expected[k])})" for k, v in adapter_sd.items()
-             if k in expected and tuple(v.shape) != expected[k]]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing key(s): {format_keys(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s): {format_keys(unexpected)}")
-        if wrong:
-            parts.append(f"{len(wrong)} shape mismatch(es): {format_keys(wrong, 4)}")
+    problems = fit_problems(shapes_of(adapter_sd), expected, owner="UNet needs")
+    if problems:
         raise ModelFormatError(f"{source}: the face adapter weights do not fit this UNet's {len(slots)} "
-                               "cross-attention layers (numbered as the authors' unet.attn_processors): "
-                               + "; ".join(parts))
+                               f"cross-attention layers (numbered as the authors' unet.attn_processors): {problems}")
     bad = [k for k, v in adapter_sd.items() if not v.is_floating_point() or not torch.isfinite(v).all()]
     if bad:
         raise ModelFormatError(f"{source}: {format_keys(bad)} hold NaN/inf or are not floating point; the file is "

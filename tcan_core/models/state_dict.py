@@ -14,7 +14,7 @@ import pickle
 import struct
 import zipfile
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
@@ -146,26 +146,33 @@ def format_keys(keys, limit: int = 8) -> str:
     return ", ".join(keys[:limit]) + more
 
 
+def fit_problems(found: Mapping[str, Sequence[int]], expected: Mapping[str, Sequence[int]],
+                 owner: str = "model") -> str:
+    """Missing, unexpected and wrong-shape keys of ``found`` against ``expected`` (key -> shape), as one
+    phrase for an error message; empty when they fit."""
+    missing = set(expected) - set(found)
+    unexpected = set(found) - set(expected)
+    wrong = [f"{k} (file {list(found[k])}, {owner} {list(expected[k])})"
+             for k in sorted(set(found) & set(expected)) if tuple(found[k]) != tuple(expected[k])]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing key(s): {format_keys(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s): {format_keys(unexpected)}")
+    if wrong:
+        parts.append(f"{len(wrong)} shape mismatch(es): {format_keys(wrong, 4)}")
+    return "; ".join(parts)
+
+
 def load_strict(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], what: str, source: str | os.PathLike) -> None:
     """Load ``sd`` into ``module`` only if keys and shapes match exactly; else name the differences.
 
     Parameters of ``module`` may live on the meta device (built empty); they are replaced by the
     file's tensors (``assign=True``), so nothing is initialised twice.
     """
-    expected = module.state_dict()
-    missing = set(expected) - set(sd)
-    unexpected = set(sd) - set(expected)
-    wrong = [f"{k} (file {tuple(sd[k].shape)}, model {tuple(expected[k].shape)})"
-             for k in set(sd) & set(expected) if tuple(sd[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing key(s): {format_keys(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s): {format_keys(unexpected)}")
-        if wrong:
-            parts.append(f"{len(wrong)} shape mismatch(es): {format_keys(wrong, 4)}")
-        raise ModelFormatError(f"{source}: the weights do not fit the {what}: " + "; ".join(parts))
+    problems = fit_problems(shapes_of(sd), shapes_of(module.state_dict()))
+    if problems:
+        raise ModelFormatError(f"{source}: the weights do not fit the {what}: {problems}")
     module.load_state_dict(dict(sd), strict=True, assign=True)
     meta = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
     if meta:

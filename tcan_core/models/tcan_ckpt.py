@@ -65,7 +65,7 @@ from .errors import ModelFormatError
 from .lora import ParsedLora, parse_lora_state_dict
 from .motion import MOTION_HEADS, animatediff_to_diffusers, motion_adapter_config
 from .sd15 import _empty, _finish
-from .state_dict import format_keys, load_state_dict_file, load_strict, shapes_of
+from .state_dict import fit_problems, format_keys, load_state_dict_file, load_strict, shapes_of
 
 log = logging.getLogger(__name__)
 
@@ -248,21 +248,11 @@ def _same_tensor(stored: torch.Tensor, reference: torch.Tensor) -> bool:
 def _compare_base(sd: dict[str, torch.Tensor], base_unet: torch.nn.Module, source: str) -> tuple[str, ...]:
     """Names of the base UNet's tensors that the file holds with other values; strict on keys and shapes."""
     reference = {k: v for k, v in base_unet.state_dict().items() if _MOTION not in k}
-    missing = set(reference) - set(sd)
-    unexpected = set(sd) - set(reference)
-    wrong = [f"{k} (file {tuple(sd[k].shape)}, base UNet {tuple(reference[k].shape)})"
-             for k in set(sd) & set(reference) if sd[k].shape != reference[k].shape]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} base key(s) missing: {format_keys(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s): {format_keys(unexpected)}")
-        if wrong:
-            parts.append(f"{len(wrong)} shape mismatch(es): {format_keys(wrong, 4)}")
-        raise ModelFormatError(f"{source}: the UNet weights in the file do not fit the base UNet: " + "; ".join(parts)
-                               + ". The file is for another base model or is incomplete; use a TCAN UNet trained "
-                               "on an SD1.5 model.")
+    problems = fit_problems(shapes_of(sd), shapes_of(reference), owner="base UNet")
+    if problems:
+        raise ModelFormatError(f"{source}: the UNet weights in the file do not fit the base UNet: {problems}. The "
+                               "file is for another base model or is incomplete; use a TCAN UNet trained on an SD1.5 "
+                               "model.")
     return tuple(sorted(k for k in sd if not _same_tensor(sd[k], reference[k])))
 
 

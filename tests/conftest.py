@@ -56,3 +56,15 @@ def tiny_tree(tmp_path_factory):
     from tcan_core.tiny.sd15 import write_tiny_model_tree
 
     return write_tiny_model_tree(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tiny-model work on one torch thread, restored after: tiny tensors gain nothing from
+    threads, and on a busy 2-core runner two threads wait on each other (up to 10x slower)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -25,13 +25,7 @@ FRAMES = 3
 BEFORE_BLOCK_2 = 7
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny layers gain nothing from threads, and on a shared 2-core runner two threads can wait on each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -24,13 +24,7 @@ HEADS, HEAD_DIM = 4, 8
 CHANNELS = HEADS * HEAD_DIM
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Run this module's tiny tensors on one thread: thread start-up costs more than the work; restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,6 +23,24 @@ log = logging.getLogger(__name__)
 _PATCH_LOCK = threading.RLock()
 
 
+@contextlib.contextmanager
+def modules_on(device: torch.device, *modules: torch.nn.Module | None) -> Iterator[None]:
+    """Keep the (distinct, non-None) ``modules`` on ``device`` for the block; put each back where it was after."""
+    homes: list[tuple[torch.nn.Module, torch.device]] = []
+    seen: set[int] = set()
+    try:
+        for module in modules:
+            if module is None or id(module) in seen:
+                continue
+            seen.add(id(module))
+            homes.append((module, next(module.parameters()).device))
+            module.to(device)
+        yield
+    finally:
+        for module, home in homes:
+            module.to(home)
+
+
 @dataclass
 class RunState:
     """What one sampling call shares with the patches applied for it.

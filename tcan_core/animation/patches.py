@@ -24,29 +24,10 @@ from typing import Iterator
 import torch
 
 from ..models.lora import LoraPatch
-from .model import RunState, TCANModel
+from .model import RunState, TCANModel, modules_on
 from .ptm import DEFAULT_TAU, PTMState, ptm_installed
 
 log = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def on_device(module: torch.nn.Module | None, device: torch.device) -> Iterator[None]:
-    """Keep ``module`` on ``device`` for the block and put it back on its own device after."""
-    if module is None:
-        yield
-        return
-    home = next(module.parameters()).device
-    module.to(device)
-    try:
-        yield
-    finally:
-        module.to(home)
-
-
-def module_dtype(module: torch.nn.Module) -> torch.dtype:
-    """The dtype of a module's first floating-point parameter."""
-    return next(p.dtype for p in module.parameters() if p.is_floating_point())
 
 
 @dataclass(frozen=True, eq=False)
@@ -67,7 +48,7 @@ class MotionPatch:
         from .motion import check_motion_fits, motion_installed
 
         check_motion_fits(model.unet, self.adapter, self.source)
-        with on_device(self.adapter, run.device), motion_installed(model.unet, self.adapter, run.motion):
+        with modules_on(run.device, self.adapter), motion_installed(model.unet, self.adapter, run.motion):
             yield
 
 
@@ -115,12 +96,12 @@ class ControlNetPatch:
     @contextlib.contextmanager
     def applied(self, model: TCANModel, run: RunState) -> Iterator[None]:
         with contextlib.ExitStack() as stack:
-            stack.enter_context(on_device(self.controlnet, run.device))
+            stack.enter_context(modules_on(run.device, self.controlnet))
             if self.temporal is not None:
                 from .controlnet_t import check_temporal_fits, temporal_controlnet_installed
 
                 check_temporal_fits(self.controlnet, self.temporal, self.source)
-                stack.enter_context(on_device(self.temporal, run.device))
+                stack.enter_context(modules_on(run.device, self.temporal))
                 stack.enter_context(temporal_controlnet_installed(self.controlnet, self.temporal, run.motion))
             run.controlnet = self
             try:

@@ -25,17 +25,16 @@ when the call ends, also on error or cancel.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from .model import RunState, TCANModel
+from .model import RunState, TCANModel, modules_on
 from .ptm import temperature_map
 from .schedulers import DEFAULT_SCHEDULER, SCHEDULERS, make_scheduler
 from .text import check_context, match_token_lengths
@@ -176,24 +175,6 @@ def _encode(vae: VAELike, images: torch.Tensor, device: torch.device, dtype: tor
     return latents.to(dtype)
 
 
-@contextlib.contextmanager
-def _modules_on(device: torch.device, *modules: torch.nn.Module) -> Iterator[None]:
-    """Keep the (distinct) ``modules`` on ``device`` for the block; put each back where it was after."""
-    homes: list[tuple[torch.nn.Module, torch.device]] = []
-    seen: set[int] = set()
-    try:
-        for module in modules:
-            if module is None or id(module) in seen:
-                continue
-            seen.add(id(module))
-            homes.append((module, next(module.parameters()).device))
-            module.to(device)
-        yield
-    finally:
-        for module, home in homes:
-            module.to(home)
-
-
 @dataclass(frozen=True)
 class _Contexts:
     """Text contexts of one call: ``text`` for the ControlNet; ``positive``/``negative`` for the denoising
@@ -283,7 +264,7 @@ def sample_animation(model: TCANModel, reference: torch.Tensor, poses: torch.Ten
     latent_size = (height // 8, width // 8)
     notes: list[str] = []
 
-    with _modules_on(device, unet, appearance):
+    with modules_on(device, unet, appearance):
         # 2. Reference latents.
         ref_latent = _encode(vae, reference, device, dtype, 1)
         cal_latents = cal_key_masks = None

@@ -11,8 +11,8 @@ import logging
 import torch
 
 from tcan_core.animation import build
-from tcan_core.animation.ptm import DEFAULT_TAU, temperature_map
-from tcan_core.animation.windows import DEFAULT_CONTEXT_LENGTH, DEFAULT_CONTEXT_OVERLAP, context_windows
+from tcan_core.animation.ptm import DEFAULT_TAU, window_previews
+from tcan_core.animation.windows import DEFAULT_CONTEXT_LENGTH, DEFAULT_CONTEXT_OVERLAP
 
 from . import host
 from .common import CATEGORY, with_report
@@ -202,10 +202,8 @@ class TCANPTM:
         if pose_images is None or pose_images.shape[0] == 0:
             maps = torch.ones(1, 64, 64, 3)
         else:
-            windows = context_windows(pose_images.shape[0], context_length, context_overlap)
-            maps = torch.stack([temperature_map(pose_images[w].float(), tau).reciprocal() for w in windows])
-            maps = maps[..., None].expand(-1, -1, -1, 3).contiguous()
-            report += f" Preview: {len(windows)} window(s)."
+            maps = window_previews(pose_images, tau, context_length, context_overlap)
+            report += f" Preview: {maps.shape[0]} window(s)."
         return with_report(report, (model, maps))
 
 

@@ -13,7 +13,6 @@ The same steps the example workflow wires up in ComfyUI (DESIGN.md section 2):
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -101,12 +100,6 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float = 12.0) -> bool
     return path.is_file() and path.stat().st_size > 0
 
 
-def output_size(width: int, height: int, area: int = 512 * 512) -> tuple[int, int]:
-    """Multiple-of-8 size with the aspect of ``width`` x ``height`` and about ``area`` pixels."""
-    scale = math.sqrt(area / (width * height))
-    return max(64, round(width * scale / 8) * 8), max(64, round(height * scale / 8) * 8)
-
-
 def pick_model(folders: ModelFolders, folder: str, name: str | None, what: str) -> Path:
     """The file ``name`` in ``folder`` (resolved inside it), or the first file there; a clear error if none."""
     dirs = folders.paths(folder)
@@ -132,8 +125,8 @@ def animate(reference: np.ndarray, driving_poses: PoseSequence, models: ModelFol
             progress: Callable[[int, torch.Tensor | None], None] | None = None) -> AnimateOutputs:
     """Reference RGB uint8 [H,W,3] + driving poses -> animated frames uint8 [F,h,w,3] (see the module docstring)."""
     from .animation import build
-    from .animation.ptm import temperature_map
-    from .animation.sampler import SamplerSettings, sample_animation
+    from .animation.ptm import window_previews
+    from .animation.sampler import SamplerSettings, sample_animation, size_for_aspect
     from .animation.text import encode_empty_prompt
     from .animation.vae import DiffusersVAE
     from .pose.render import render_poses
@@ -150,7 +143,7 @@ def animate(reference: np.ndarray, driving_poses: PoseSequence, models: ModelFol
     retargeted = retarget_poses(reference_pose, smoothed, canvas="reference")
     ref_h, ref_w = reference.shape[:2]
     width, height = (options.width, options.height) if options.width and options.height else \
-        output_size(ref_w, ref_h, options.area)
+        size_for_aspect(ref_w / ref_h, options.area)
     rendered = render_poses(retargeted.poses, width, height)
     report.append(f"{rendered.shape[0]} poses retargeted to the character (body scale "
                   f"{retargeted.body_scale:.2f}) and rendered at {width}x{height}")
@@ -178,25 +171,14 @@ def animate(reference: np.ndarray, driving_poses: PoseSequence, models: ModelFol
     pose_tensor = torch.from_numpy(rendered).float() / 255.0
     settings = SamplerSettings(seed=options.seed, steps=options.steps, cfg=options.cfg, scheduler=options.scheduler,
                                width=width, height=height)
-    ref_fit = _fit_reference(ref_tensor, width, height)
-    result = sample_animation(model, ref_fit, pose_tensor, context, context, DiffusersVAE(model.vae), settings,
+    result = sample_animation(model, ref_tensor, pose_tensor, context, context, DiffusersVAE(model.vae), settings,
                               calibration=calibration, progress=progress)
     frames = (result.frames.numpy() * 255.0).round().astype(np.uint8)
     temperature = None
     if options.tau > 0:
-        temperature = temperature_map(pose_tensor[: min(16, len(pose_tensor))], options.tau).reciprocal().numpy()
+        temperature = window_previews(pose_tensor, options.tau)[0, ..., 0].numpy()
     return AnimateOutputs(frames=frames, poses=rendered, reference=reference, calibration=calibration,
                           temperature=temperature, report=report)
-
-
-def _fit_reference(reference: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """Resize the reference [1,H,W,3] to ``width`` x ``height`` (same aspect by construction)."""
-    import torch.nn.functional as F
-
-    if reference.shape[1:3] == (height, width):
-        return reference
-    resized = F.interpolate(reference.movedim(-1, 1), size=(height, width), mode="area")
-    return resized.movedim(1, -1)
 
 
 def load_driving(path: str | Path, models: ModelFolders, max_frames: int | None = None) -> tuple[PoseSequence, float]:

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from . import attention
+from .windows import DEFAULT_CONTEXT_LENGTH, DEFAULT_CONTEXT_OVERLAP, context_windows
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,14 @@ def temperature_map(pose_images: torch.Tensor, tau: float = DEFAULT_TAU,
     half_diagonal = math.sqrt((height / 2.0) ** 2 + (width / 2.0) ** 2)
     normalised = torch.from_numpy(distance.astype(np.float64) / half_diagonal)
     return (tau * normalised + 1.0).to(device=pose_images.device, dtype=pose_images.dtype)
+
+
+def window_previews(pose_images: torch.Tensor, tau: float = DEFAULT_TAU, length: int = DEFAULT_CONTEXT_LENGTH,
+                    overlap: int = DEFAULT_CONTEXT_OVERLAP) -> torch.Tensor:
+    """1 / T of each sampler window of the poses as an IMAGE [windows,H,W,3]: white on the pose, darker where held still."""
+    windows = context_windows(pose_images.shape[0], length, overlap)
+    maps = torch.stack([temperature_map(pose_images[w].float(), tau).reciprocal() for w in windows])
+    return maps[..., None].expand(-1, -1, -1, 3).contiguous()
 
 
 def resize_temperature(temperature: torch.Tensor, height: int, width: int) -> torch.Tensor:

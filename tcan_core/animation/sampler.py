@@ -110,12 +110,10 @@ class SamplingCancelled(RuntimeError):
     """Raised by a ``check_cancel`` callback to stop sampling; patches are removed on the way out."""
 
 
-def nearest_size(width: int, height: int, aspect: float) -> tuple[int, int]:
-    """The multiple-of-8 size with ``aspect`` (w / h) and about the area of ``width`` x ``height``."""
-    area = width * height
-    new_h = max(8, round(math.sqrt(area / aspect) / 8) * 8)
-    new_w = max(8, round(new_h * aspect / 8) * 8)
-    return new_w, new_h
+def size_for_aspect(aspect: float, area: int) -> tuple[int, int]:
+    """(width, height): multiples of 8, at least 64, with ``aspect`` (w / h) and about ``area`` pixels."""
+    height = max(64, round(math.sqrt(area / aspect) / 8) * 8)
+    return max(64, round(height * aspect / 8) * 8), height
 
 
 def fit_images(images: torch.Tensor, width: int, height: int, what: str) -> torch.Tensor:
@@ -130,7 +128,7 @@ def fit_images(images: torch.Tensor, width: int, height: int, what: str) -> torc
         return images
     source, target = src_w / src_h, width / height
     if abs(source / target - 1.0) > ASPECT_TOLERANCE:
-        fit_w, fit_h = nearest_size(width, height, source)
+        fit_w, fit_h = size_for_aspect(source, width * height)
         raise ValueError(f"{what} are {src_w}x{src_h} (aspect {source:.3f}) but the sampler's width x height is "
                          f"{width}x{height} (aspect {target:.3f}); set width x height to {fit_w}x{fit_h} "
                          f"(same aspect as the {what}) or crop/render the {what} at {width}x{height}")

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..models.errors import ModelFormatError
-from ..models.lora import LoraPatch, load_lora, parse_lora_state_dict
+from ..models.lora import LoraPatch, load_lora
 from .model import TCANModel
 from .patches import AppaLoraPatch, ControlNetPatch, MotionPatch, PTMPatch
 
@@ -108,12 +108,6 @@ def add_appa_lora(model: TCANModel, path: str | os.PathLike, strength: float = 1
     return model.with_patch(AppaLoraPatch(patch)), report
 
 
-def lora_from_state_dict(model: TCANModel, sd: dict[str, torch.Tensor], strength: float = 1.0,
-                         source: str = "LoRA state dict") -> TCANModel:
-    """Add a LoRA given as a state dict (for tests and training code)."""
-    return model.with_patch(AppaLoraPatch(LoraPatch(parse_lora_state_dict(sd, model.unet, source), strength)))
-
-
 def add_temporal_controlnet(model: TCANModel, controlnet_path: str | os.PathLike, temporal: str = TEMPORAL_FROM_MOTION,
                             strength: float = 1.0, start: float = 0.0, end: float = 1.0,
                             dtype: torch.dtype | None = None) -> tuple[TCANModel, str]:
@@ -152,9 +146,7 @@ def add_temporal_controlnet(model: TCANModel, controlnet_path: str | os.PathLike
 def add_ptm(model: TCANModel, tau: float) -> tuple[TCANModel, str]:
     """Add TCAN's pose-driven temperature map with ``tau`` (0 turns it off)."""
     patch = PTMPatch(float(tau))
-    if model.patch("motion") is None:
-        raise ValueError("TCAN PTM acts on the motion module's temporal attention, and this model has none; "
-                         "connect TCAN Motion Module before TCAN PTM")
+    patch.motion_of(model)
     report = ("PTM off (tau 0): plain temporal attention." if tau == 0 else
               f"PTM tau {tau:g}: temporal attention logits divided by T = {tau:g} * distance to the pose + 1.")
     return model.with_patch(patch), report

@@ -121,12 +121,18 @@ class PTMPatch:
         if not math.isfinite(self.tau) or self.tau < 0:
             raise ValueError(f"tau must be a finite number >= 0, got {self.tau}; TCAN uses 3, and 0 turns PTM off")
 
-    @contextlib.contextmanager
-    def applied(self, model: TCANModel, run: RunState) -> Iterator[None]:
+    @staticmethod
+    def motion_of(model: TCANModel) -> MotionPatch:
+        """The motion patch PTM acts on, or a clear error when the model has none."""
         motion = model.patch("motion")
         if motion is None:
             raise ValueError("TCAN PTM acts on the motion module's temporal attention, and this model has none; "
                              "connect TCAN Motion Module before TCAN PTM")
+        return motion
+
+    @contextlib.contextmanager
+    def applied(self, model: TCANModel, run: RunState) -> Iterator[None]:
+        motion = self.motion_of(model)
         if self.tau == 0:
             yield
             return

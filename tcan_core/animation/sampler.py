@@ -25,6 +25,7 @@ when the call ends, also on error or cancel.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import math
@@ -214,25 +215,32 @@ class _Window:
 
 
 @torch.no_grad()
-def sample_animation(model: TCANModel, reference: torch.Tensor, poses: torch.Tensor, positive: torch.Tensor,
+def sample_animation(model: TCANModel, reference: torch.Tensor | None, poses: torch.Tensor, positive: torch.Tensor,
                      negative: torch.Tensor, vae: VAELike, settings: SamplerSettings = SamplerSettings(),
                      calibration=None, device: torch.device | str | None = None,
                      progress: ProgressCallback | None = None,
-                     check_cancel: Callable[[], None] | None = None) -> AnimationResult:
+                     check_cancel: Callable[[], None] | None = None, temporal: bool = True) -> AnimationResult:
     """Animate ``reference`` [1,H,W,3] with ``poses`` [F,H,W,3] (rendered OpenPose images), TCAN; -> frames.
 
     ``positive``/``negative`` are text contexts [1,77k,768]; ``calibration`` an optional TPC
     ``Calibration`` for the same frames; ``progress(n, preview)`` is called after every window
     evaluation (steps x windows in all); ``check_cancel()`` is called between windows and may
-    raise to stop.
+    raise to stop. ``reference=None`` leaves reference attention out (the model's other patches
+    still apply) and ``temporal=False`` leaves the motion module and the ControlNet's temporal
+    layers out, so every pose gives its own image: TIFF's character stage (:mod:`tcan_core.face.character`).
     """
     from .reference import ReferenceBank, reference_attention
 
     # 1. Inputs.
     settings.check()
-    _check_images(reference, "the reference", "connect one image (Load Image)")
     _check_images(poses, "the pose images", "connect the rendered poses (TCAN Pose Render)")
-    if reference.shape[0] != 1:
+    if reference is None:
+        if calibration is not None:
+            raise ValueError("a TPC calibration needs the reference image it was made from; connect the reference "
+                             "or remove the calibration")
+    else:
+        _check_images(reference, "the reference", "connect one image (Load Image)")
+    if reference is not None and reference.shape[0] != 1:
         raise ValueError(f"the reference is a batch of {reference.shape[0]} images; TCAN animates one character "
                          "from one image: pick one with an ImageFromBatch node")
     num_frames = int(poses.shape[0])
@@ -245,14 +253,15 @@ def sample_animation(model: TCANModel, reference: torch.Tensor, poses: torch.Ten
     if calibration is not None and calibration.num_frames != num_frames:
         raise ValueError(f"the calibration covers {calibration.num_frames} driving frames but {num_frames} pose "
                          "images were given; calibrate with the same driving poses that were rendered")
-    motion = model.patch("motion")
+    motion = model.patch("motion") if temporal else None
     if motion is not None and min(settings.context_length, num_frames) > motion.max_frames:
         raise ValueError(f"context length {settings.context_length} is longer than the motion module's "
                          f"{motion.max_frames}-frame positional encoding; use a context length of at most "
                          f"{motion.max_frames}")
 
     width, height = settings.width, settings.height
-    reference = fit_images(reference, width, height, "reference image")
+    if reference is not None:
+        reference = fit_images(reference, width, height, "reference image")
     poses = fit_images(poses, width, height, "pose images")
     device = torch.device(device) if device is not None else next(model.unet.parameters()).device
     unet = model.unet
@@ -262,9 +271,9 @@ def sample_animation(model: TCANModel, reference: torch.Tensor, poses: torch.Ten
     latent_size = (height // 8, width // 8)
     notes: list[str] = []
 
-    with modules_on(device, unet, appearance):
+    with modules_on(device, unet, appearance if reference is not None else None):
         # 2. Reference latents.
-        ref_latent = _encode(vae, reference, device, dtype, 1)
+        ref_latent = _encode(vae, reference, device, dtype, 1) if reference is not None else None
         cal_latents = cal_key_masks = None
         if calibration is not None:
             cal_images = fit_images(calibration.images, width, height, "calibrated references")
@@ -288,11 +297,13 @@ def sample_animation(model: TCANModel, reference: torch.Tensor, poses: torch.Ten
         from .motion import MotionState
 
         run = RunState(device=device, motion=MotionState(num_frames=None), notes=notes)
-        bank = ReferenceBank()
+        bank = ReferenceBank() if reference is not None else None
+        frames_of = (lambda frames: frames) if temporal else (lambda frames: None)
         windows: dict[int, _Window] = {}
 
         # 4. Patches and reference attention for exactly this call.
-        with model.patched(run), reference_attention(bank, unet, appearance):
+        with model.patched(run), (reference_attention(bank, unet, appearance) if bank is not None
+                                  else contextlib.nullcontext()):
             contexts = _Contexts.for_run(run, positive, negative, shared=appearance is unet)
             for task in plan:
                 if check_cancel is not None:
@@ -300,14 +311,15 @@ def sample_animation(model: TCANModel, reference: torch.Tensor, poses: torch.Ten
                 t = scheduler.timesteps[task.step]
                 if task.first_in_step:
                     accumulator.reset()
-                    _appearance_pass(appearance, bank, run, "reference", ref_latent, t, contexts.appearance)
+                    if bank is not None:
+                        _appearance_pass(appearance, bank, run, "reference", ref_latent, t, contexts.appearance)
                 window = windows.get(task.window)
                 if window is None:
                     window = _prepare_window(task.frames, poses, run, calibration, cal_key_masks, latent_size)
                     windows[task.window] = window
-                prediction = _denoise_window(unet, appearance, bank, run, scheduler, latents, poses, window, t, task.step,
-                                             settings, contexts, cal_latents, latent_size, guided,
-                                             device, dtype)
+                prediction = _denoise_window(unet, appearance, bank, run, scheduler, latents, poses, window, t,
+                                             task.step, settings, contexts, cal_latents, latent_size, guided,
+                                             device, dtype, frames_of)
                 accumulator.add(task.frames, prediction.movedim(0, 1)[None])
                 preview = None
                 if task.last_in_step:
@@ -318,7 +330,8 @@ def sample_animation(model: TCANModel, reference: torch.Tensor, poses: torch.Ten
                     preview = latent_preview((latents if denoised is None else denoised)[0])
                 if progress is not None:
                     progress(1, preview)
-            bank.clear()
+            if bank is not None:
+                bank.clear()
 
         if not bool(torch.isfinite(latents).all()):
             raise FloatingPointError(f"the denoising UNet produced NaN or infinite latents (model dtype {dtype}); "
@@ -382,8 +395,9 @@ def _denoise_window(unet: torch.nn.Module, appearance: torch.nn.Module, bank, ru
                     settings: SamplerSettings,
                     contexts: "_Contexts", cal_latents: torch.Tensor | None,
                     latent_size: tuple[int, int], guided: bool, device: torch.device,
-                    dtype: torch.dtype) -> torch.Tensor:
-    """Guided noise prediction of one window, [f,4,h,w] in float32."""
+                    dtype: torch.dtype, frames_of: Callable[[int], int | None]) -> torch.Tensor:
+    """Guided noise prediction of one window, [f,4,h,w] in float32; ``frames_of(f)`` is the temporal layers'
+    frame count (None: off)."""
     frames = len(window.frames)
     x = scheduler.scale_model_input(latents[list(window.frames)], t).to(dtype)
     window_poses = poses[list(window.frames)].to(device=device, dtype=dtype).movedim(-1, 1)
@@ -391,7 +405,7 @@ def _denoise_window(unet: torch.nn.Module, appearance: torch.nn.Module, bank, ru
     down_res = mid_res = None
     control = run.controlnet
     if control is not None and control.active(step, settings.steps):
-        run.motion.num_frames = frames
+        run.motion.num_frames = frames_of(frames)
         down_res, mid_res = control.controlnet(
             x, t, encoder_hidden_states=contexts.text.expand(frames, -1, -1).to(dtype), controlnet_cond=window_poses,
             conditioning_scale=control.strength, return_dict=False)
@@ -406,7 +420,8 @@ def _denoise_window(unet: torch.nn.Module, appearance: torch.nn.Module, bank, ru
         _appearance_pass(appearance, bank, run, "calibrated", cal_latents[used], t, contexts.appearance)
         calibrated_index = torch.where(use_reference, local.repeat(halves), torch.full_like(local.repeat(halves), -1))
         query_masks = query.repeat(halves, 1, 1)
-    bank.set_read(latent_size, use_reference, calibrated_index, query_masks, key_masks)
+    if bank is not None:
+        bank.set_read(latent_size, use_reference, calibrated_index, query_masks, key_masks)
 
     if guided:
         model_in = torch.cat([x, x])
@@ -418,7 +433,7 @@ def _denoise_window(unet: torch.nn.Module, appearance: torch.nn.Module, bank, ru
     else:
         model_in, context = x, contexts.positive.expand(frames, -1, -1).to(dtype)
 
-    run.motion.num_frames = frames
+    run.motion.num_frames = frames_of(frames)
     if run.ptm is not None:
         run.ptm.set(window.temperature, latent_size)
     try:

@@ -97,6 +97,12 @@ SLOTS: tuple[Slot, ...] = (
         "insightface", required=False,
     ),
     Slot(
+        "face_swap", "Face swap model for TCAN Face Pass (optional; its licence is yours to check)", "insightface",
+        ("inswapper_128.onnx",),
+        "the insightface project's inswapper_128.onnx (published for non-commercial research use)",
+        "files", required=False,
+    ),
+    Slot(
         "clip_vision", "CLIP ViT-H/14 image encoder (for ID-Animator)", "clip_vision",
         ("CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors", "model.safetensors"),
         "https://huggingface.co/h94/IP-Adapter (models/image_encoder)",

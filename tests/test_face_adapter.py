@@ -149,11 +149,11 @@ def test_several_faces_are_averaged_after_the_resampler(weights, embeddings):
 
 def test_wrong_image_encoder_width_names_the_encoder_needed(unet, weights):
     narrow = build_tiny_clip_vision(hidden_size=32)
-    with pytest.raises(ValueError, match="width 32.*an image encoder of width 48"):
+    with pytest.raises(ValueError, match=f"width 32.*an image encoder of width {TINY_CLIP_WIDTH}"):
         check_image_encoder(narrow, weights)
     check_image_encoder(build_tiny_clip_vision(), weights)
     wrong = clip_image_embeddings(narrow, torch.rand(1, 224, 224, 3))
-    with pytest.raises(ValueError, match=r"\[n_faces,tokens,48\], got \[1, 17, 32\]"):
+    with pytest.raises(ValueError, match=rf"\[n_faces,tokens,{TINY_CLIP_WIDTH}\], got \[1, 17, 32\]"):
         FaceIDPatch(weights, wrong)
     vit_h = parse_id_animator_state_dict(_flat(unet, embedding_dim=1280), unet, "vit_h.ckpt")
     with pytest.raises(ValueError, match="ViT-H/14"):

@@ -20,10 +20,15 @@ transformer block ``attn1`` then ``attn2``. Only the ``attn2`` slots (odd indice
 ``<i>.to_{q,k,v,out}_lora.{down,up}.weight`` (diffusers ``LoRALinearLayer``, no network alpha,
 so the LoRA scale is 1). See ID-Animator/faceadapter/face_adapter.py (``set_face_adapter``,
 ``load_face_adapter``) and ID-Animator/faceadapter/attention_processor.py (``LoRAFaceAttnProcessor``).
+
+IP-Adapter FaceID (:mod:`.ip_faceid`) has the same attention and slot numbering and another
+projector; both parse to a :class:`FaceAdapterWeights`, which is all :class:`FaceIDPatch` and the
+processors here use.
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import logging
 import math
@@ -31,7 +36,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Iterator, Mapping
+from typing import Any, ClassVar, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +53,10 @@ DEFAULT_SCALE = 0.8
 ID_ANIMATOR_DIM_HEAD = 64
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-NEEDED_ENCODER = "CLIP ViT-H/14 image encoder (hidden size 1280; ID-Animator's image_encoder folder)"
+NEEDED_ENCODER = ("the CLIP ViT-H/14 image encoder (hidden size 1280: CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors "
+                  "in models/clip_vision, from h94/IP-Adapter models/image_encoder)")
+ID_ANIMATOR = "id-animator"
+IP_ADAPTER_FACEID = "ip-adapter-faceid"
 LORA_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out")
 _SDXL_CONTEXT = 2048
 _BLOCK_ORDER = {"down_blocks": 0, "up_blocks": 1, "mid_block": 2}
@@ -160,9 +168,66 @@ class FaceLayer:
     to_v_face: torch.Tensor
 
 
+def needed_encoder(width: int) -> str:
+    """Which image encoder a projector of input width ``width`` needs, for error messages."""
+    return NEEDED_ENCODER if width == 1280 else f"an image encoder of width {width}"
+
+
+class FaceAdapterWeights(abc.ABC):
+    """A parsed face adapter (ID-Animator or IP-Adapter FaceID), as :class:`FaceIDPatch` uses it.
+
+    Subclasses are frozen dataclasses holding ``layers`` (``attn2`` module path -> :class:`FaceLayer`),
+    ``lora`` (a :class:`ParsedLora` on q, k, v, out; empty when the file has none), ``source`` and
+    ``slots`` (module path -> index in the authors' ``unet.attn_processors``); they say how the
+    projector's input (``embeddings``) becomes face tokens [n,num_tokens,C].
+    """
+
+    kind: ClassVar[str]
+    uses_image_encoder: ClassVar[bool] = False
+    layers: Mapping[str, FaceLayer]
+    lora: ParsedLora
+    source: str
+    slots: Mapping[str, int]
+
+    @property
+    @abc.abstractmethod
+    def projector(self) -> nn.Module:
+        """The module that maps embeddings to face tokens."""
+
+    @property
+    @abc.abstractmethod
+    def embedding_dim(self) -> int:
+        """Width of the projector's input."""
+
+    @property
+    @abc.abstractmethod
+    def num_tokens(self) -> int:
+        """Face tokens per face."""
+
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """One sentence for logs and the node's report."""
+
+    @abc.abstractmethod
+    def embedding_batch(self, embeddings: torch.Tensor, name: str = "embeddings") -> torch.Tensor:
+        """The projector's input as a batch of faces (one face may come without the batch axis);
+        ValueError naming the expected shape otherwise."""
+
+    def default_uncond_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor | None:
+        """The input whose tokens serve the unconditional half when none is given; None: zero tokens."""
+        return None
+
+    def project(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Embeddings [n,...] (on the projector's device and dtype) -> face tokens [n,num_tokens,C]."""
+        return self.projector(embeddings)
+
+
 @dataclass(frozen=True, eq=False)
-class IDAnimatorWeights:
+class IDAnimatorWeights(FaceAdapterWeights):
     """A parsed animator.ckpt: the Resampler, per-``attn2`` face projections and the LoRA on q, k, v, out."""
+
+    kind: ClassVar[str] = ID_ANIMATOR
+    uses_image_encoder: ClassVar[bool] = True
 
     layout: str
     resampler: Resampler
@@ -176,6 +241,10 @@ class IDAnimatorWeights:
         object.__setattr__(self, "slots", MappingProxyType(dict(self.slots)))
 
     @property
+    def projector(self) -> nn.Module:
+        return self.resampler
+
+    @property
     def embedding_dim(self) -> int:
         return self.resampler.embedding_dim
 
@@ -184,15 +253,24 @@ class IDAnimatorWeights:
         return self.resampler.num_queries
 
     def describe(self) -> str:
-        ranks = "/".join(str(w.rank) for w in {w.rank: w for w in self.lora.weights.values()}.values())
+        ranks = "/".join(str(r) for r in self.lora.coverage.ranks)
         return (f"ID-Animator face adapter from {self.source} ({self.layout} keys): {self.num_tokens} face tokens "
                 f"from a width-{self.embedding_dim} image encoder, on {len(self.layers)} cross-attention layers, "
                 f"LoRA rank {ranks or 'none'}")
 
+    def embedding_batch(self, embeddings: torch.Tensor, name: str = "embeddings") -> torch.Tensor:
+        """CLIP hidden states [n_faces,tokens,E] ([tokens,E] is one face)."""
+        batch = embeddings if embeddings.ndim != 2 else embeddings.unsqueeze(0)
+        if batch.ndim != 3 or batch.shape[0] < 1 or batch.shape[-1] != self.embedding_dim:
+            raise ValueError(f"{name} must be image-encoder hidden states [n_faces,tokens,{self.embedding_dim}], "
+                             f"got {list(embeddings.shape)}; the adapter needs {needed_encoder(self.embedding_dim)}")
+        return batch
 
-def cross_attention_slots(unet: nn.Module) -> dict[str, int]:
-    """``attn2`` module path -> its index in the authors' ``unet.attn_processors`` list (down, up, mid blocks;
-    attn1 before attn2), ignoring temporal/motion attention as the authors' UNet does."""
+
+def attention_slots(unet: nn.Module) -> dict[str, int]:
+    """``attn1`` / ``attn2`` module path -> its index in the authors' ``unet.attn_processors`` list (down, up,
+    mid blocks; attn1 before attn2 in each transformer block), ignoring temporal/motion attention as the
+    authors' UNet (a plain UNet2DConditionModel) has none."""
     from diffusers.models.attention_processor import Attention
 
     found: list[tuple[int, int, str]] = []
@@ -203,11 +281,56 @@ def cross_attention_slots(unet: nn.Module) -> dict[str, int]:
             continue
         found.append((_BLOCK_ORDER[parts[0]], order, name))
     found.sort()
-    slots = {name: i for i, (_, _, name) in enumerate(found) if name.endswith(".attn2")}
+    return {name: i for i, (_, _, name) in enumerate(found)}
+
+
+def cross_attention_slots(unet: nn.Module) -> dict[str, int]:
+    """The ``attn2`` entries of :func:`attention_slots` (odd indices for SD1.5: 1, 3, ..., 31)."""
+    slots = {name: i for name, i in attention_slots(unet).items() if name.endswith(".attn2")}
     if not slots:
         raise ValueError(f"{type(unet).__name__} has no cross-attention (attn2) in transformer blocks; the face "
                          "adapter needs an SD1.5 UNet (UNet2DConditionModel or UNetMotionModel).")
     return slots
+
+
+def _projection(attn: nn.Module, proj: str) -> nn.Linear:
+    return attn.to_out[0] if proj == "to_out" else getattr(attn, proj)
+
+
+def slot_lora_shapes(unet: nn.Module, slots: Mapping[str, int],
+                     sd: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of the ``<i>.to_{q,k,v,out}_lora.{down,up}.weight`` (diffusers ``LoRALinearLayer``) that each
+    slot's attention needs; the rank is read from the file's down weight (-1 when absent)."""
+    expected: dict[str, tuple[int, ...]] = {}
+    for path, i in slots.items():
+        attn = unet.get_submodule(path)
+        for proj in LORA_PROJECTIONS:
+            layer = _projection(attn, proj)
+            down = sd.get(f"{i}.{proj}_lora.down.weight")
+            rank = int(down.shape[0]) if down is not None and down.ndim == 2 else -1
+            expected[f"{i}.{proj}_lora.down.weight"] = (rank, layer.in_features)
+            expected[f"{i}.{proj}_lora.up.weight"] = (layer.out_features, rank)
+    return expected
+
+
+def slot_lora(unet: nn.Module, slots: Mapping[str, int], sd: Mapping[str, torch.Tensor], layout: str,
+              source: str) -> ParsedLora:
+    """The slots' LoRA factors (keys checked by :func:`slot_lora_shapes`) as a :class:`ParsedLora` on module paths."""
+    lora = {}
+    for path, i in slots.items():
+        for proj in LORA_PROJECTIONS:
+            target = f"{path}.{proj}" + (".0" if proj == "to_out" else "")
+            # LoRALinearLayer without network_alpha: scale 1, i.e. alpha = None.
+            lora[target] = LoraWeights(sd[f"{i}.{proj}_lora.down.weight"], sd[f"{i}.{proj}_lora.up.weight"], None)
+    return ParsedLora(layout, lora, source, (), appa_coverage(lora, unet))
+
+
+def check_finite(sd: Mapping[str, torch.Tensor], source: str) -> None:
+    """ModelFormatError naming tensors that hold NaN/inf or are not floating point."""
+    bad = [k for k, v in sd.items() if not v.is_floating_point() or not torch.isfinite(v).all()]
+    if bad:
+        raise ModelFormatError(f"{source}: {format_keys(bad)} hold NaN/inf or are not floating point; the file is "
+                               "corrupt.")
 
 
 def _split_layout(sd: Mapping[str, torch.Tensor], source: str) -> tuple[str, dict, dict]:
@@ -231,18 +354,16 @@ def _split_layout(sd: Mapping[str, torch.Tensor], source: str) -> tuple[str, dic
             {k[len(adapter):]: v for k, v in keys.items() if k.startswith(adapter)})
 
 
-def _check_context_width(adapter: Mapping[str, torch.Tensor], proj_out: torch.Tensor | None, context: int,
-                         source: str) -> None:
-    widths = {int(v.shape[1]) for k, v in adapter.items() if k.endswith("to_k_face.weight") and v.ndim == 2}
-    if proj_out is not None:
-        widths.add(int(proj_out.shape[0]))
+def check_context_width(widths: set[int], context: int, source: str, advice: str) -> None:
+    """WrongBaseModelError when the adapter's cross-attention ``widths`` are not the UNet's ``context``;
+    ``advice`` names the SD1.5 file to use instead."""
     if _SDXL_CONTEXT in widths:
         raise WrongBaseModelError(f"{source} is a face adapter for SDXL (cross-attention width {_SDXL_CONTEXT}), "
-                                  f"and the TCAN model is SD1.5 (width {context}); use ID-Animator's SD1.5 "
-                                  "animator.ckpt.")
+                                  f"and the TCAN model is SD1.5 (width {context}); {advice}.")
     if widths - {context}:
         raise WrongBaseModelError(f"{source}: its cross-attention width is {sorted(widths)}, the TCAN UNet's is "
-                                  f"{context}; the adapter is for another base model than this SD1.5 UNet.")
+                                  f"{context}; the adapter is for another base model than this SD1.5 UNet; "
+                                  f"{advice}.")
 
 
 def parse_id_animator_state_dict(sd: Mapping[str, torch.Tensor], unet: nn.Module, source: str = "animator.ckpt",
@@ -250,46 +371,31 @@ def parse_id_animator_state_dict(sd: Mapping[str, torch.Tensor], unet: nn.Module
     """An animator.ckpt state dict (either key layout) -> Resampler + per-``attn2`` weights of ``unet``, strictly."""
     layout, proj_sd, adapter_sd = _split_layout(sd, source)
     context = int(unet.config.cross_attention_dim)
-    _check_context_width(adapter_sd, proj_sd.get("proj_out.weight"), context, source)
+    widths = {int(v.shape[1]) for k, v in adapter_sd.items() if k.endswith("to_k_face.weight") and v.ndim == 2}
+    if "proj_out.weight" in proj_sd:
+        widths.add(int(proj_sd["proj_out.weight"].shape[0]))
+    check_context_width(widths, context, source, "use ID-Animator's SD1.5 animator.ckpt")
 
     resampler = Resampler(**resampler_config(proj_sd, source, dim_head))
     load_strict(resampler, proj_sd, "ID-Animator Resampler (image_proj)", source)
     resampler.eval().requires_grad_(False)
 
     slots = cross_attention_slots(unet)
-    expected: dict[str, tuple[int, ...]] = {}
+    expected = slot_lora_shapes(unet, slots, adapter_sd)
     for path, i in slots.items():
         attn = unet.get_submodule(path)
-        inner, width = attn.to_k.out_features, attn.to_k.in_features
-        query_in = attn.to_q.in_features
         for proj in ("to_k_face", "to_v_face"):
-            expected[f"{i}.{proj}.weight"] = (inner, width)
-        lora_in = {"to_q": query_in, "to_k": width, "to_v": width, "to_out": inner}
-        lora_out = {"to_q": inner, "to_k": inner, "to_v": inner, "to_out": attn.to_out[0].out_features}
-        for proj in LORA_PROJECTIONS:
-            down = adapter_sd.get(f"{i}.{proj}_lora.down.weight")
-            rank = int(down.shape[0]) if down is not None and down.ndim == 2 else -1
-            expected[f"{i}.{proj}_lora.down.weight"] = (rank, lora_in[proj])
-            expected[f"{i}.{proj}_lora.up.weight"] = (lora_out[proj], rank)
+            expected[f"{i}.{proj}.weight"] = (attn.to_k.out_features, attn.to_k.in_features)
     problems = fit_problems(shapes_of(adapter_sd), expected, owner="UNet needs")
     if problems:
         raise ModelFormatError(f"{source}: the face adapter weights do not fit this UNet's {len(slots)} "
                                f"cross-attention layers (numbered as the authors' unet.attn_processors): {problems}")
-    bad = [k for k, v in adapter_sd.items() if not v.is_floating_point() or not torch.isfinite(v).all()]
-    if bad:
-        raise ModelFormatError(f"{source}: {format_keys(bad)} hold NaN/inf or are not floating point; the file is "
-                               "corrupt.")
+    check_finite(adapter_sd, source)
 
-    layers, lora = {}, {}
-    for path, i in slots.items():
-        layers[path] = FaceLayer(adapter_sd[f"{i}.to_k_face.weight"], adapter_sd[f"{i}.to_v_face.weight"])
-        for proj in LORA_PROJECTIONS:
-            target = f"{path}.{proj}" + (".0" if proj == "to_out" else "")
-            # LoRALinearLayer without network_alpha: scale 1, i.e. alpha = None.
-            lora[target] = LoraWeights(adapter_sd[f"{i}.{proj}_lora.down.weight"],
-                                       adapter_sd[f"{i}.{proj}_lora.up.weight"], None)
-    parsed_lora = ParsedLora("id-animator", lora, source, (), appa_coverage(lora, unet))
-    weights = IDAnimatorWeights(layout, resampler, layers, parsed_lora, source, slots)
+    layers = {path: FaceLayer(adapter_sd[f"{i}.to_k_face.weight"], adapter_sd[f"{i}.to_v_face.weight"])
+              for path, i in slots.items()}
+    lora = slot_lora(unet, slots, adapter_sd, ID_ANIMATOR, source)
+    weights = IDAnimatorWeights(layout, resampler, layers, lora, source, slots)
     log.info("%s", weights.describe())
     return weights
 
@@ -357,7 +463,7 @@ class FaceAttnProcessor:
 
 
 @contextlib.contextmanager
-def face_attention_installed(unet: nn.Module, weights: IDAnimatorWeights, state: FaceState) -> Iterator[None]:
+def face_attention_installed(unet: nn.Module, weights: FaceAdapterWeights, state: FaceState) -> Iterator[None]:
     """:class:`FaceAttnProcessor` on every ``attn2`` of ``unet`` for the block; the exact original processors after."""
     saved: dict[str, Any] = {}
     device, dtype = next(unet.parameters()).device, next(unet.parameters()).dtype
@@ -390,13 +496,16 @@ def append_face_tokens(context: torch.Tensor, face_tokens: torch.Tensor | None) 
 # --- image encoder ----------------------------------------------------------------------------
 
 
-def check_image_encoder(encoder: nn.Module, weights: IDAnimatorWeights) -> None:
-    """ValueError unless the encoder's width is the Resampler's input width."""
+def check_image_encoder(encoder: nn.Module, weights: FaceAdapterWeights) -> None:
+    """ValueError unless the adapter takes image-encoder features and the encoder's width is its input width."""
+    if not weights.uses_image_encoder:
+        raise ValueError(f"the face adapter {weights.source} ({weights.kind}) projects the face's identity "
+                         "embedding and uses no image encoder; leave the CLIP vision input empty")
     width = int(getattr(encoder.config, "hidden_size", -1))
     if width != weights.embedding_dim:
-        needed = NEEDED_ENCODER if weights.embedding_dim == 1280 else f"an image encoder of width {weights.embedding_dim}"
         raise ValueError(f"the image encoder has width {width}, but the face adapter {weights.source} needs "
-                         f"{needed}; load the image encoder the adapter was trained with.")
+                         f"{needed_encoder(weights.embedding_dim)}; load the image encoder the adapter was "
+                         "trained with.")
 
 
 @torch.no_grad()
@@ -427,19 +536,44 @@ def clip_uncond_embeddings(encoder: nn.Module) -> torch.Tensor:
 # --- patch ------------------------------------------------------------------------------------
 
 
+def _check_face_weights(face_weights: torch.Tensor, n_faces: int) -> torch.Tensor:
+    """Per-face weights [n_faces], finite, >= 0, not all 0 -> float32 copy; ValueError otherwise."""
+    w = torch.as_tensor(face_weights).detach().to("cpu", torch.float32)
+    if w.shape != (n_faces,):
+        raise ValueError(f"face_weights must be one weight per face [{n_faces}], got {list(w.shape)}")
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or float(w.sum()) <= 0:
+        raise ValueError(f"face_weights must be finite numbers >= 0 that do not all equal 0, got {w.tolist()}")
+    return w
+
+
 @torch.no_grad()
-def face_tokens(weights: IDAnimatorWeights, embeddings: torch.Tensor, device: torch.device | str = "cpu",
-                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """CLIP embeddings [n_faces,tokens,E] -> face tokens [1,Q,C]: the Resampler per face, then the mean over
-    faces (ID-Animator averages the projected tokens of several reference faces)."""
-    resampler = weights.resampler
-    home = next(resampler.parameters())
-    resampler.to(device)
+def face_tokens(weights: FaceAdapterWeights, embeddings: torch.Tensor, device: torch.device | str = "cpu",
+                dtype: torch.dtype = torch.float32, face_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Projector inputs [n_faces,...] -> face tokens [1,Q,C]: the projector per face, then the mean over faces
+    (ID-Animator averages the projected tokens of several reference faces), weighted by ``face_weights`` [n]
+    when given. Faces of weight 0 are left out, so weights (1, 0) give exactly the first face's tokens, and
+    equal weights give exactly the plain mean."""
+    embeddings = weights.embedding_batch(embeddings)
+    if face_weights is not None:
+        face_weights = _check_face_weights(face_weights, int(embeddings.shape[0]))
+        kept = [i for i, w in enumerate(face_weights.tolist()) if w > 0]
+        embeddings, face_weights = embeddings[kept], face_weights[kept]
+        if bool((face_weights == face_weights[0]).all()):
+            face_weights = None
+    projector = weights.projector
+    home = next(projector.parameters())
+    home_device, home_dtype = home.device, home.dtype
+    projector.to(device)
     try:
-        tokens = resampler(embeddings.to(device, home.dtype))
+        tokens = weights.project(embeddings.to(device, home_dtype))
     finally:
-        resampler.to(home.device)
-    return tokens.mean(dim=0, keepdim=True).to(dtype)
+        projector.to(home_device)
+    if face_weights is None:
+        mixed = tokens.mean(dim=0, keepdim=True)
+    else:
+        share = (face_weights / face_weights.sum()).to(tokens)
+        mixed = (tokens * share.view(-1, 1, 1)).sum(dim=0, keepdim=True)
+    return mixed.to(dtype)
 
 
 _MISSING = object()
@@ -447,14 +581,18 @@ _MISSING = object()
 
 @dataclass(frozen=True, eq=False)
 class FaceIDPatch:
-    """ID-Animator face adapter on the denoising UNet (key ``face_id``).
+    """A face adapter (ID-Animator or IP-Adapter FaceID) on the denoising UNet (key ``face_id``).
 
-    ``embeddings``: CLIP ViT-H/14 penultimate hidden states of the reference face crops
-    [n_faces, tokens, 1280] (:func:`clip_image_embeddings`); several faces are averaged after the
-    Resampler. ``uncond_embeddings`` (optional, [1, tokens, 1280], :func:`clip_uncond_embeddings`)
-    gives the tokens for the unconditional half as the authors do; without it that half gets zero
-    tokens, which add exactly nothing (to_k_face / to_v_face have no bias). ``scale`` weighs face
-    attention (0.8 by default); 0 turns the adapter off entirely, its LoRA included.
+    ``embeddings``: the projector's input for the reference faces: for ID-Animator CLIP ViT-H/14
+    penultimate hidden states [n_faces, tokens, 1280] (:func:`clip_image_embeddings`), for IP-Adapter
+    FaceID insightface identity embeddings [n_faces, 512]; a single face may omit the batch axis.
+    Several faces are averaged after the projector, weighted by ``face_weights`` [n_faces]
+    (``FaceIdentity.weights``; equal when None). ``uncond_embeddings`` (optional, same layout) gives
+    the tokens for the unconditional half: ID-Animator's authors use :func:`clip_uncond_embeddings`,
+    and without it that half gets zero tokens, which add exactly nothing (to_k_face / to_v_face have
+    no bias); for FaceID the default is the projection of a zero embedding, as its authors do.
+    ``scale`` weighs face attention (0.8 by default); 0 turns the adapter off entirely, its LoRA
+    included. ``lora_strength`` scales the adapter's own LoRA (none in a FaceID file without LoRA keys).
 
     While applied, ``run.face_tokens`` [1,Q,C] and ``run.face_tokens_uncond`` [1,Q,C] hold the tokens
     (on ``run.device``, UNet dtype): every context the sampler passes to ``model.unet`` during the
@@ -462,11 +600,12 @@ class FaceIDPatch:
     tokens. The attributes are removed on exit.
     """
 
-    weights: IDAnimatorWeights
+    weights: FaceAdapterWeights
     embeddings: torch.Tensor
     scale: float = DEFAULT_SCALE
     uncond_embeddings: torch.Tensor | None = None
     lora_strength: float = 1.0
+    face_weights: torch.Tensor | None = None
     key: str = "face_id"
 
     def __post_init__(self) -> None:
@@ -477,16 +616,13 @@ class FaceIDPatch:
                                  f"ID-Animator uses scale {DEFAULT_SCALE} and LoRA strength 1, and scale 0 turns "
                                  "the adapter off")
             object.__setattr__(self, name, value)
-        embeddings = self.embeddings if self.embeddings.ndim == 3 else self.embeddings.unsqueeze(0)
-        for name, tensor in (("embeddings", embeddings), ("uncond_embeddings", self.uncond_embeddings)):
-            if tensor is None:
-                continue
-            if tensor.ndim != 3 or tensor.shape[0] < 1 or tensor.shape[-1] != self.weights.embedding_dim:
-                raise ValueError(f"{name} must be image-encoder hidden states [n_faces,tokens,"
-                                 f"{self.weights.embedding_dim}], got {list(tensor.shape)}; the adapter needs "
-                                 + (NEEDED_ENCODER if self.weights.embedding_dim == 1280 else
-                                    f"an image encoder of width {self.weights.embedding_dim}"))
+        embeddings = self.weights.embedding_batch(self.embeddings)
         object.__setattr__(self, "embeddings", embeddings)
+        if self.uncond_embeddings is not None:
+            object.__setattr__(self, "uncond_embeddings",
+                               self.weights.embedding_batch(self.uncond_embeddings, "uncond_embeddings"))
+        if self.face_weights is not None:
+            object.__setattr__(self, "face_weights", _check_face_weights(self.face_weights, self.num_faces))
 
     @property
     def num_faces(self) -> int:
@@ -496,16 +632,19 @@ class FaceIDPatch:
     def applied(self, model: Any, run: Any) -> Iterator[None]:
         unet = model.unet
         dtype = next(unet.parameters()).dtype
-        tokens = face_tokens(self.weights, self.embeddings, run.device, dtype)
-        uncond = (face_tokens(self.weights, self.uncond_embeddings, run.device, dtype)
-                  if self.uncond_embeddings is not None else torch.zeros_like(tokens))
+        tokens = face_tokens(self.weights, self.embeddings, run.device, dtype, self.face_weights)
+        uncond_embeddings = self.uncond_embeddings
+        if uncond_embeddings is None:
+            uncond_embeddings = self.weights.default_uncond_embeddings(self.embeddings)
+        uncond = (face_tokens(self.weights, uncond_embeddings, run.device, dtype)
+                  if uncond_embeddings is not None else torch.zeros_like(tokens))
         state = FaceState(num_tokens=int(tokens.shape[1]), scale=self.scale)
         lora = LoraPatch(self.weights.lora, self.lora_strength if self.scale > 0 else 0.0)
         previous = {name: getattr(run, name, _MISSING) for name in ("face_tokens", "face_tokens_uncond")}
         with face_attention_installed(unet, self.weights, state), lora.applied(unet):
             run.face_tokens, run.face_tokens_uncond = tokens, uncond
-            run.notes.append(f"face ID: {self.num_faces} face(s), scale {self.scale:g}, "
-                             f"{state.num_tokens} tokens after the text")
+            run.notes.append(f"face ID: {self.num_faces} face(s), scale {self.scale:g}, {state.num_tokens} tokens "
+                             f"after the text ({self.weights.kind})")
             try:
                 yield
             finally:

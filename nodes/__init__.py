@@ -19,6 +19,7 @@ TOPICS = (
     "nodes_tpc",
     "nodes_model",
     "nodes_sampler",
+    "nodes_face",
 )
 
 NODE_CLASS_MAPPINGS: dict = {}

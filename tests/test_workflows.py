@@ -86,7 +86,9 @@ def file_choices(tmp_path_factory) -> dict[tuple[str, str], tuple[str, ...]]:
         found = {}
         for kind, cls in PACK.NODE_CLASS_MAPPINGS.items():
             for name, k, _o in pack_signature(cls)[2]:
-                probes = [c for c in (k if isinstance(k, list) else []) if str(c).startswith("probe_")]
+                # A dropdown may prefix the file with its folder ("tcan/<file>") when it lists several.
+                probes = [str(c).rsplit("/", 1)[-1] for c in (k if isinstance(k, list) else [])
+                          if str(c).rsplit("/", 1)[-1].startswith("probe_")]
                 if probes:
                     found[(kind, name)] = tuple(e for f, (_s, exts) in folders.items()
                                                 if any(p.startswith(f"probe_{f}.") for p in probes) for e in exts)

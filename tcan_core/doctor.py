@@ -55,6 +55,8 @@ def _classify_weights(slot: Slot, path: Path) -> tuple[str, bool]:
         return det.describe(), det.kind == "controlnet" and det.base == SD15
     if path.is_dir():
         return "a folder", False
+    if path.suffix.lower() == ".onnx":
+        return "an ONNX model (its role is read when the node loads it)", True
     shapes = read_shapes(path)
     if slot.kind == "motion":
         det: Detection = detect_motion_module(shapes)
@@ -66,13 +68,16 @@ def _classify_weights(slot: Slot, path: Path) -> tuple[str, bool]:
         size = {1280: "ViT-H/14", 1024: "ViT-L/14", 1664: "ViT-bigG/14"}.get(int(patch[0]), f"width {patch[0]}")
         return f"CLIP vision encoder {size}", int(patch[0]) == 1280
     if slot.key == "id_adapter":
-        keys = list(shapes)
-        if any(k.startswith(("face_adapter.", "adapter_modules.")) for k in keys):
-            return "ID-Animator face adapter", True
-        if any(k.startswith("ip_adapter.") for k in keys) and any(k.startswith("image_proj.") for k in keys):
-            ctx = next((s[1] for k, s in shapes.items() if k.endswith("to_k_ip.weight")), None)
-            return f"IP-Adapter (cross-attention width {ctx})", ctx == 768
-        return guess_other_kind(shapes), False
+        from .face.adapters import detect_face_adapter
+
+        try:
+            kind = detect_face_adapter(shapes, str(path))
+        except ModelFormatError:
+            return guess_other_kind(shapes), False
+        widths = {s[1] for k, s in shapes.items() if k.endswith(("to_k_ip.weight", "to_k_face.weight"))}
+        width = ", ".join(str(w) for w in sorted(widths)) or "unknown"
+        name = {"id-animator": "ID-Animator", "ip-adapter-faceid": "IP-Adapter FaceID"}.get(kind, kind)
+        return f"{name} face adapter (cross-attention width {width})", widths == {768}
     return guess_other_kind(shapes), True
 
 
@@ -103,7 +108,7 @@ def _inspect(slot: Slot, folders: ModelFolders, inspect: bool) -> SlotReport:
         return report
     if slot.kind == "files" and slot.key not in _CLASSIFIED_BY_CONTENT:
         names = [n for n in names if Path(n).name in wanted]
-    elif slot.key in _CLASSIFIED_BY_CONTENT:
+    else:
         names = [n for n in names if not n.endswith(".onnx")]
     for n in names:
         path = Path(_resolve(folders, searched, n))

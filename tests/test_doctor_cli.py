@@ -92,3 +92,20 @@ def test_demo_runs_the_graph_and_animate_runs_on_its_outputs(tmp_path, capsys):
     assert main(["animate", "--reference", str(tmp_path / "reference.png"), "--driving", str(bad), "--models",
                  str(tmp_path / "models"), "--out", str(out)]) == 2
     assert "neither a video" in capsys.readouterr().err
+
+
+def test_doctor_reads_the_face_kit_by_content(tmp_path):
+    from tcan_core.tiny.sd15 import build_tiny_sd15
+    from tcan_core.tiny.tree import write_face_models
+
+    write_face_models(tmp_path, build_tiny_sd15()[0])
+    (tmp_path / "tcan" / "pose").mkdir(parents=True)
+    (tmp_path / "tcan" / "pose" / "yolox_l.onnx").write_bytes(b"\x08\x08")
+    reports = {r.slot.key: r for r in run_doctor(ModelFolders(tmp_path))}
+    assert reports["face_swap"].found and reports["insightface"].found
+    adapters = {f.name: f for f in reports["id_adapter"].files}
+    # The tiny adapters have a 64-wide cross-attention: recognised, but not usable with SD1.5 (768).
+    assert adapters["animator.ckpt"].what.startswith("ID-Animator face adapter (cross-attention width 64)")
+    assert adapters["ip-adapter-faceid_sd15.bin"].what.startswith("IP-Adapter FaceID face adapter")
+    assert not any(f.usable for f in adapters.values())
+    assert not any(f.name.endswith(".onnx") for f in reports["tcan"].files)

@@ -56,6 +56,9 @@ DRIVING_FRAMES = 8
 TINY_SIZE = (64, 96)
 TINY_STEPS = 2
 TINY_LOADER = "TCANTestTinyCheckpointLoader"
+# The tiny face detector finds bright squares on black, not faces in the tiny 'person' frames: every Face
+# Analysis reads this drawn face instead of its linked image.
+FACE_IMAGE = "face.png"
 
 # Model widgets whose workflow value (a published or trained file) the tiny tree replaces.
 TINY_FILES = {
@@ -222,8 +225,12 @@ def _person_frame(x0: int, height: int = 256, width: int = 192) -> np.ndarray:
 
 
 def _write_inputs(folder: Path) -> None:
+    from tcan_core.tiny.face_onnx import draw_test_faces
+
     folder.mkdir(parents=True)
     cv2.imwrite(str(folder / "reference.png"), _person_frame(60))
+    cv2.imwrite(str(folder / "pose.png"), _person_frame(60))
+    cv2.imwrite(str(folder / FACE_IMAGE), draw_test_faces(320, 320, [(160, 150, 48)])[..., ::-1])
     writer = cv2.VideoWriter(str(folder / "driving.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 8, (192, 256))
     for f in range(DRIVING_FRAMES):
         writer.write(_person_frame(30 + 8 * f))
@@ -303,10 +310,15 @@ def tiny_prompt(path: Path, info: dict) -> dict:
             if choices is not None and value not in choices:
                 assert (kind, name) in TINY_FILES, f"{path.name}: {kind}.{name} = {value!r} is not one of {choices}"
                 node["inputs"][name] = TINY_FILES[(kind, name)]
-        if kind in ("ImageScale", "TCANSampler"):
+        if kind in ("ImageScale", "TCANSampler", "TCANCharacterImage"):
             node["inputs"]["width"], node["inputs"]["height"] = TINY_SIZE
-        if kind == "TCANSampler":
+        if kind in ("TCANSampler", "TCANCharacterImage"):
             node["inputs"]["steps"] = TINY_STEPS
+    analyses = [node for node in prompt.values() if node["class_type"] == "TCANFaceAnalysis"]
+    if analyses:
+        prompt["face_image"] = {"class_type": "LoadImage", "inputs": {"image": FACE_IMAGE}}
+        for node in analyses:
+            node["inputs"]["image"] = ["face_image", 0]
     return prompt
 
 
@@ -383,6 +395,8 @@ def test_animation_workflow_runs_in_comfyui_with_a_tiny_checkpoint_loader(comfyu
     outputs = entry["outputs"]
     ran = {kinds[nid] for nid in outputs}
     assert {"TCANSampler", "TCANPTM", "TCANTPCCalibrate", "SaveVideo", "PreviewImage"} <= ran, sorted(ran)
+    face_nodes = {k for k in kinds.values() if k.startswith("TCANFace") or k == "TCANCharacterImage"}
+    assert face_nodes <= ran, sorted(face_nodes - ran)
     saved = next(out["images"][0] for nid, out in outputs.items() if kinds[nid] == "SaveVideo")
     video = comfyui.base / "output" / saved["subfolder"] / saved["filename"]
     assert video.is_file(), video

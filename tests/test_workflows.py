@@ -144,6 +144,39 @@ def check_widgets(kind: str, node: dict, file_choices: dict) -> None:
             assert control in CONTROL_VALUES, f"{kind}.{name}: control value {control!r} is not one of {CONTROL_VALUES}"
 
 
+def _cycle(wf: dict) -> list[int]:
+    """Node ids on a cycle of links (empty when the graph is acyclic)."""
+    after: dict[int, set[int]] = {n["id"]: set() for n in wf["nodes"]}
+    for link in wf["links"]:
+        after[link[1]].add(link[3])
+    state: dict[int, int] = {}
+    path: list[int] = []
+
+    def visit(node: int) -> list[int]:
+        state[node] = 1
+        path.append(node)
+        for nxt in after[node]:
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        state[node] = 2
+        path.pop()
+        return []
+
+    for node in after:
+        if node not in state and (found := visit(node)):
+            return found
+    return []
+
+
+def test_cycle_check_finds_a_loop():
+    nodes = [{"id": i} for i in (1, 2, 3)]
+    assert _cycle({"nodes": nodes, "links": [[1, 1, 0, 2, 0, "X"], [2, 2, 0, 3, 0, "X"]]}) == []
+    assert sorted(_cycle({"nodes": nodes, "links": [[1, 1, 0, 2, 0, "X"], [2, 2, 0, 3, 0, "X"],
+                                                    [3, 3, 0, 1, 0, "X"]]})) == [1, 2, 3]
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
 def test_workflow(path: Path, file_choices):
     wf = json.loads(path.read_text())
@@ -165,6 +198,7 @@ def test_workflow(path: Path, file_choices):
             missing = required_links(PACK.NODE_CLASS_MAPPINGS[kind]) - linked
             assert not missing, f"{kind} node {node['id']}: required inputs {sorted(missing)} are not connected"
 
+    assert not _cycle(wf), f"the links form a cycle through nodes {_cycle(wf)}; ComfyUI cannot run it"
     for link in wf["links"]:
         link_id, src, src_slot, dst, dst_slot, ltype = link[:6]
         assert src in nodes and dst in nodes, f"link {link_id} joins missing nodes"

@@ -36,9 +36,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .onnx_graph import OnnxGraph, finish
+
 log = logging.getLogger(__name__)
 
-OPSET = 17
 DET_STRIDES = (8, 16, 32)
 DET_ANCHORS = 2
 FACE_PER_STRIDE = 4  # a stride-s level looks for faces of 4s pixels
@@ -65,32 +66,8 @@ PACK_FILE_NAMES = {
 SWAPPER_FILE = "inswapper_128.onnx"
 
 
-class _Graph:
-    """Writes an ONNX graph node by node with generated names (never ``Sub*``/``Mul*``, which
-    insightface's ArcFace loader reads as an MXNet model's built-in normalisation)."""
-
-    def __init__(self, prefix: str):
-        self.nodes: list[onnx.NodeProto] = []
-        self.prefix = prefix
-        self.count = 0
-
-    def name(self) -> str:
-        self.count += 1
-        return f"{self.prefix}_{self.count}"
-
-    def const(self, value) -> str:
-        arr = np.asarray(value)
-        if arr.dtype == np.float64:
-            arr = arr.astype(np.float32)
-        out = self.name()
-        self.nodes.append(helper.make_node("Constant", [], [out], name=out, value=numpy_helper.from_array(arr, out)))
-        return out
-
-    def op(self, op_type: str, *inputs: str, out: str | None = None, **attrs) -> str:
-        out = out or self.name()
-        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=f"{self.prefix}_n{len(self.nodes)}",
-                                           **attrs))
-        return out
+class _Graph(OnnxGraph):
+    """The face models' graph writer: adds pooling, coordinate maps and SCRFD's anchor-row layout."""
 
     def scale(self, x: str, factor: float) -> str:
         return self.op("Mul", x, self.const(np.float32(factor)))
@@ -121,11 +98,6 @@ class _Graph:
         return self.op("Reshape", twice, self.const(np.array([-1, channels])))
 
 
-def _finish(graph: onnx.GraphProto) -> onnx.ModelProto:
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="tcan_tiny")
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
 
 
 def build_detector() -> onnx.ModelProto:
@@ -169,7 +141,7 @@ def build_detector() -> onnx.ModelProto:
     graph = helper.make_graph(g.nodes, "tiny_scrfd",
                               [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, 3, "height", "width"])],
                               outputs)
-    return _finish(graph)
+    return finish(graph)
 
 
 def build_recognition(seed: int = 112) -> onnx.ModelProto:
@@ -189,7 +161,7 @@ def build_recognition(seed: int = 112) -> onnx.ModelProto:
         [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["None", 3, RECOGNITION_SIZE, RECOGNITION_SIZE])],
         [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["None", EMBEDDING_DIM])],
     )
-    return _finish(graph)
+    return finish(graph)
 
 
 def build_swapper(seed: int = 128) -> onnx.ModelProto:
@@ -220,7 +192,7 @@ def build_swapper(seed: int = 128) -> onnx.ModelProto:
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 3, SWAP_SIZE, SWAP_SIZE])],
         initializer=initializers,
     )
-    return _finish(graph)
+    return finish(graph)
 
 
 def write_tiny_face_pack(root_models_dir: str | os.PathLike, name: str = "buffalo_l") -> Path:

@@ -27,13 +27,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
+
+from .onnx_graph import OnnxGraph, constant_node, finish
 
 log = logging.getLogger(__name__)
 
 DETECTOR_FILE = "yolox_l.onnx"
 POSE_FILE = "dw-ll_ucoco_384.onnx"
-OPSET = 17
 
 DET_SIZE = (640, 640)
 DET_STRIDES = (8, 16, 32)
@@ -79,34 +80,8 @@ def _template() -> tuple[np.ndarray, np.ndarray]:
 TEMPLATE_UV, TEMPLATE_GAIN = _template()
 
 
-def _const(name: str, value) -> onnx.NodeProto:
-    arr = np.asarray(value)
-    if arr.dtype == np.float64:
-        arr = arr.astype(np.float32)
-    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(arr, name))
-
-
-class _Graph:
-    """A small helper to write ONNX graphs node by node with generated names."""
-
-    def __init__(self, prefix: str):
-        self.nodes: list[onnx.NodeProto] = []
-        self.prefix = prefix
-        self.count = 0
-
-    def name(self) -> str:
-        self.count += 1
-        return f"{self.prefix}_{self.count}"
-
-    def const(self, value) -> str:
-        out = self.name()
-        self.nodes.append(_const(out, value))
-        return out
-
-    def op(self, op_type: str, *inputs: str, out: str | None = None, **attrs) -> str:
-        out = out or self.name()
-        self.nodes.append(helper.make_node(op_type, list(inputs), [out], **attrs))
-        return out
+class _Graph(OnnxGraph):
+    """The pose models' graph writer: adds the bright-box reduction."""
 
     def bright_box(self, mask: str, rows_axis: int, cols_axis: int) -> tuple[str, str, str, str, str]:
         """Per-batch ``[B,1]`` floats x0, y0, x1, y1 (exclusive ends) and any-bright of a 0/1 mask."""
@@ -178,7 +153,7 @@ def build_detector(size: tuple[int, int] = DET_SIZE, classes: int = DET_CLASSES,
         [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, [1, 3, height, width])],
         [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, [1, n, 5 + classes])],
     )
-    return _finish(graph)
+    return finish(graph)
 
 
 def build_pose(size: tuple[int, int] = POSE_SIZE, keypoints: int = POSE_KEYPOINTS, batch: int | str = 1,
@@ -210,27 +185,22 @@ def build_pose(size: tuple[int, int] = POSE_SIZE, keypoints: int = POSE_KEYPOINT
         [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, [batch, 3, height, width])],
         outputs,
     )
-    return _finish(graph)
+    return finish(graph)
 
 
 def _build_nms_detector() -> onnx.ModelProto:
     """A detector with NMS exported inside: ``images [1,3,640,640]`` -> count, boxes, scores, classes."""
     outputs = {"num_dets": np.zeros((1, 1), np.float32), "det_boxes": np.zeros((1, 100, 4), np.float32),
                "det_scores": np.zeros((1, 100), np.float32), "det_classes": np.zeros((1, 100), np.float32)}
-    nodes = [_const(name, value) for name, value in outputs.items()]
+    nodes = [constant_node(name, value) for name, value in outputs.items()]
     graph = helper.make_graph(
         nodes, "tiny_nms_detector",
         [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, *DET_SIZE])],
         [helper.make_tensor_value_info(name, TensorProto.FLOAT, list(v.shape)) for name, v in outputs.items()],
     )
-    return _finish(graph)
+    return finish(graph)
 
 
-def _finish(graph: onnx.GraphProto) -> onnx.ModelProto:
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="tcan_tiny")
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
 
 
 def write_dwpose_models(folder: str | os.PathLike, batch: int | str = 1) -> tuple[str, str]:

@@ -189,6 +189,11 @@ class FaceAdapterWeights(abc.ABC):
     source: str
     slots: Mapping[str, int]
 
+    def __post_init__(self) -> None:
+        """Freeze the per-layer mappings (the dataclass itself is frozen)."""
+        object.__setattr__(self, "layers", MappingProxyType(dict(self.layers)))
+        object.__setattr__(self, "slots", MappingProxyType(dict(self.slots)))
+
     @property
     @abc.abstractmethod
     def projector(self) -> nn.Module:
@@ -235,10 +240,6 @@ class IDAnimatorWeights(FaceAdapterWeights):
     lora: ParsedLora
     source: str
     slots: Mapping[str, int] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "layers", MappingProxyType(dict(self.layers)))
-        object.__setattr__(self, "slots", MappingProxyType(dict(self.slots)))
 
     @property
     def projector(self) -> nn.Module:

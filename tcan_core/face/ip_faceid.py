@@ -27,7 +27,6 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import MappingProxyType
 from typing import ClassVar, Mapping
 
 import torch
@@ -81,10 +80,6 @@ class IPFaceIDWeights(FaceAdapterWeights):
     lora: ParsedLora
     source: str
     slots: Mapping[str, int] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "layers", MappingProxyType(dict(self.layers)))
-        object.__setattr__(self, "slots", MappingProxyType(dict(self.slots)))
 
     @property
     def projector(self) -> nn.Module:

@@ -135,7 +135,7 @@ class TCANFaceID:
             raise ValueError(f"adapter_name {adapter_name!r} must be tcan/<file> or ipadapter/<file>")
         encoder = None if clip_vision_name == NONE else host.model_path("clip_vision", clip_vision_name)
         model, report = build.add_face_id(tcan_model, host.model_path(folder, name), face, encoder, scale,
-                                          lora_strength)
+                                          lora_strength, device=host.torch_device())
         return with_report(report, (model,))
 
 

@@ -319,3 +319,16 @@ def test_add_face_id_returns_a_clone_with_the_patch(tcan_model, tmp_path):
     assert again.patch("face_id").num_faces == 2 and torch.equal(again.patch("face_id").face_weights, face.weights)
     assert "image encoder tiny_clip.safetensors" in report and "LoRA strength 0.5" in report
     assert out.patch("face_id") is patch
+
+
+def test_add_face_id_runs_the_encoder_on_the_given_device_and_puts_it_back(tcan_model, tmp_path):
+    from tcan_core.face.clip_vision import load_clip_vision
+
+    animator = write_tiny_id_animator(tmp_path / "tcan" / "animator.ckpt", tcan_model.unet)
+    encoder = write_tiny_clip_vision(tmp_path / "clip_vision" / "tiny_clip.safetensors")
+    face = make_face(n=1)
+    here, _ = build.add_face_id(tcan_model, animator, face, clip_vision_path=encoder)
+    there, _ = build.add_face_id(tcan_model, animator, face, clip_vision_path=encoder, device="cpu")
+    assert torch.equal(here.patch("face_id").embeddings, there.patch("face_id").embeddings)
+    assert there.patch("face_id").embeddings.device.type == "cpu"
+    assert next(load_clip_vision(encoder).parameters()).device.type == "cpu"

@@ -16,6 +16,7 @@ changed), and a one-paragraph report for the node. Files are recognised by their
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch
 
 from ..models.errors import ModelFormatError
 from ..models.lora import LoraPatch, load_lora
-from .model import TCANModel
+from .model import TCANModel, modules_on
 from .patches import AppaLoraPatch, ControlNetPatch, MotionPatch, PTMPatch
 
 if TYPE_CHECKING:
@@ -159,9 +160,10 @@ def add_ptm(model: TCANModel, tau: float) -> tuple[TCANModel, str]:
 
 def add_face_id(model: TCANModel, adapter_path: str | os.PathLike, face: FaceIdentity,
                 clip_vision_path: str | os.PathLike | None = None, scale: float = 0.8,
-                lora_strength: float = 1.0) -> tuple[TCANModel, str]:
+                lora_strength: float = 1.0, device: torch.device | str | None = None) -> tuple[TCANModel, str]:
     """Add a face adapter (ID-Animator's animator.ckpt or ip-adapter-faceid_sd15.bin, told apart by their keys) for
-    ``face``; ID-Animator also needs the CLIP ViT-H/14 image encoder file ``clip_vision_path``. A face patch
+    ``face``; ID-Animator also needs the CLIP ViT-H/14 image encoder file ``clip_vision_path``, which runs on
+    ``device`` (default: where it was loaded, the CPU) for the face crops and goes back after. A face patch
     already on the model is replaced."""
     from ..face import FaceIDPatch, face_embeddings, load_clip_vision, load_face_adapter
 
@@ -169,7 +171,11 @@ def add_face_id(model: TCANModel, adapter_path: str | os.PathLike, face: FaceIde
     encoder = None
     if weights.uses_image_encoder and clip_vision_path is not None:
         encoder = load_clip_vision(clip_vision_path)
-    embeddings, uncond = face_embeddings(weights, face, encoder)
+    on_device = modules_on(torch.device(device), encoder) if device is not None else contextlib.nullcontext()
+    with on_device:
+        embeddings, uncond = face_embeddings(weights, face, encoder)
+    # The patch keeps its inputs on the CPU; the sampler moves the face tokens to its device.
+    embeddings, uncond = embeddings.cpu(), (uncond.cpu() if uncond is not None else None)
     # ID-Animator projects each crop and mixes the tokens with the faces' weights; FaceID's single identity
     # embedding is already the weighted mix.
     face_weights = face.weights if weights.uses_image_encoder else None

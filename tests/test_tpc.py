@@ -151,8 +151,9 @@ def test_portrait_mask_extends_the_torso_below_the_shoulders():
     assert mask[60, 64] == 1  # below the shoulders (y = 40), where the chest is
 
 
-def _expected_square(matrix: np.ndarray, lo: float, hi: float, height: int, width: int):
-    """Pixels whose centre is inside the square [lo, hi]^2 mapped through ``matrix``, and those on its edge."""
+def _expected_square(matrix: np.ndarray, lo: float, hi: float, height: int, width: int, band: float = 1e-6):
+    """Pixels whose centre is inside the square [lo, hi]^2 mapped through ``matrix``, and those within ``band``
+    output pixels of its edge."""
     corners = apply_affine(matrix, np.array([[lo, lo], [hi, lo], [hi, hi], [lo, hi]]))
     y, x = np.mgrid[:height, :width]
     pixels = np.stack([x, y], -1).astype(np.float64)
@@ -163,7 +164,7 @@ def _expected_square(matrix: np.ndarray, lo: float, hi: float, height: int, widt
         edge, rel = b - a, pixels - a
         distance = side * (edge[0] * rel[..., 1] - edge[1] * rel[..., 0]) / np.linalg.norm(edge)
         inside &= distance > 0
-        on_edge |= np.abs(distance) < 1e-6
+        on_edge |= np.abs(distance) < band
     return inside, on_edge
 
 
@@ -181,11 +182,11 @@ def test_warped_square_mask_lands_where_the_transform_puts_it(scale, theta, dx, 
     cal = calibrate(gradient_image(), pose(SKELETON[None]), driving, reference_mask=ref_mask,
                     keypoint_set="all", sparsity=1)
     assert np.allclose(cal.transforms[0], truth, atol=1e-3)
-    want, on_edge = _expected_square(truth, 39.5, 87.5, out_h, out_w)
-    # A pixel centre exactly on the edge is neither in nor out (its warped value is 0.5).
+    # Pixels within 1.5 px of the edge may go either way: the warp interpolates bilinearly, and on strong
+    # shrinks it first area-reduces the mask (anti-aliasing), which softens the edge by about a pixel.
+    want, on_edge = _expected_square(truth, 39.5, 87.5, out_h, out_w, band=1.5)
     got, want = cal.masks[0].numpy()[~on_edge] > 0.5, want[~on_edge]
-    iou = (got & want).sum() / (got | want).sum()
-    assert iou > 0.98, f"IoU {iou:.4f}"
+    assert np.array_equal(got, want), f"{int((got != want).sum())} pixels away from the edge disagree"
     assert cal.masks.min() >= 0 and cal.masks.max() <= 1
     assert cal.images.min() >= 0 and cal.images.max() <= 1
 

@@ -13,13 +13,12 @@ import math
 from tcan_core.animation import build
 from tcan_core.animation.sampler import SamplerSettings
 from tcan_core.animation.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
-from tcan_core.animation.windows import context_windows
 from tcan_core.face.id_adapter import DEFAULT_SCALE
 from tcan_core.face.identity import combine_faces
 
 from . import host
 from .common import CATEGORY, with_report
-from .nodes_sampler import conditioning_tensor
+from .nodes_sampler import conditioning_tensor, run_sampling, window_count
 
 log = logging.getLogger(__name__)
 
@@ -245,17 +244,11 @@ class TCANCharacterImage:
         from tcan_core.face.character import character_image
 
         settings = SamplerSettings(seed=seed, steps=steps, cfg=cfg, scheduler=scheduler, width=width, height=height)
-        settings.check()
-        frames = int(pose_image.shape[0])
-        windows = len(context_windows(frames, settings.context_length, settings.context_overlap, False)) if frames else 1
-        try:
-            with host.Progress(steps * windows, "TCAN Character Image") as bar:
-                result = character_image(tcan_model, pose_image, conditioning_tensor(positive, "positive"),
-                                         conditioning_tensor(negative, "negative"), vae, settings,
-                                         device=host.torch_device(), progress=bar.update,
-                                         check_cancel=host.check_interrupt)
-        finally:
-            host.soft_empty_cache()
+        windows = window_count(int(pose_image.shape[0]), settings)
+        result = run_sampling(tcan_model, steps * windows, "TCAN Character Image", lambda device, progress: (
+            character_image(tcan_model, pose_image, conditioning_tensor(positive, "positive"),
+                            conditioning_tensor(negative, "negative"), vae, settings, device=device,
+                            progress=progress, check_cancel=host.check_interrupt)))
         report = f"{result.frames.shape[0]} image(s) at {width}x{height}; {tcan_model.describe()}. " + " ".join(
             result.notes)
         return with_report(report.strip(), (result.frames, {"samples": result.latents}))

@@ -90,24 +90,36 @@ class TCANSampler:
                                    context_length=context_length, context_overlap=context_overlap,
                                    closed_loop=closed_loop, noise=initial_noise,
                                    reference_out_of_uncond=reference_out_of_uncond)
-        settings.check()
-        frames = int(pose_images.shape[0])
-        windows = len(context_windows(frames, context_length, context_overlap, closed_loop)) if frames else 1
-        device = host.torch_device()
-        host.free_memory(_weights_bytes(tcan_model) * 2, device)
-        try:
-            with host.Progress(steps * windows, NODE_NAME) as bar:
-                result = sample_animation(
-                    tcan_model, reference, pose_images, conditioning_tensor(positive, "positive"),
-                    conditioning_tensor(negative, "negative"), vae, settings, calibration=calibration, device=device,
-                    progress=bar.update, check_cancel=host.check_interrupt)
-        finally:
-            host.soft_empty_cache()
+        windows = window_count(int(pose_images.shape[0]), settings)
+        result = run_sampling(tcan_model, steps * windows, NODE_NAME, lambda device, progress: sample_animation(
+            tcan_model, reference, pose_images, conditioning_tensor(positive, "positive"),
+            conditioning_tensor(negative, "negative"), vae, settings, calibration=calibration, device=device,
+            progress=progress, check_cancel=host.check_interrupt))
         report = (f"{result.frames.shape[0]} frames at {width}x{height}, {steps} {scheduler} steps x {windows} "
                   f"window(s), cfg {cfg:g}; {tcan_model.describe()}.")
         if result.notes:
             report += " " + " ".join(result.notes)
         return with_report(report, (result.frames, {"samples": result.latents}))
+
+
+def window_count(frames: int, settings: SamplerSettings) -> int:
+    """Windows per step for ``frames`` frames (the progress bar counts steps x windows); checks the settings."""
+    settings.check()
+    if frames == 0:
+        return 1
+    return len(context_windows(frames, settings.context_length, settings.context_overlap, settings.closed_loop))
+
+
+def run_sampling(tcan_model, total: int, name: str, call):
+    """``call(device, progress)`` with room made on the device for the model, a progress bar of ``total``
+    updates, and the device cache emptied afterwards (also on error or Cancel)."""
+    device = host.torch_device()
+    host.free_memory(_weights_bytes(tcan_model) * 2, device)
+    try:
+        with host.Progress(total, name) as bar:
+            return call(device, bar.update)
+    finally:
+        host.soft_empty_cache()
 
 
 def _weights_bytes(model) -> int:

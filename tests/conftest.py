@@ -67,6 +67,52 @@ def tiny_tree(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def tiny_parts():
+    """Tiny SD1.5 UNet, VAE and text encoder, OpenPose ControlNet, v2 motion adapter and the empty-prompt context."""
+    from tcan_core.animation.text import encode_empty_prompt
+    from tcan_core.tiny.sd15 import build_tiny_controlnet, build_tiny_motion_adapter, build_tiny_sd15
+
+    unet, vae, text = build_tiny_sd15()
+    return dict(unet=unet, vae=vae, text=text, controlnet=build_tiny_controlnet(),
+                adapter=build_tiny_motion_adapter("v2"), context=encode_empty_prompt(text))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_parts):
+    """A TCAN model of the tiny parts, with no patches."""
+    from tcan_core.animation.model import TCANModel
+
+    return TCANModel(tiny_parts["unet"], tiny_parts["vae"], tiny_parts["text"], "tiny")
+
+
+@pytest.fixture(scope="module")
+def demo_models(pack, tmp_path_factory):
+    """The complete tiny tree (every kit, ``write_demo_tree``) as the host's models root for the module."""
+    from tcan_core.tiny.tree import write_demo_tree
+
+    host = importlib.import_module(f"{pack.__name__}.nodes.host")
+    tree = write_demo_tree(tmp_path_factory.mktemp("demo_models"))
+    host.set_models_root(tree.root)
+    yield tree
+    host.set_models_root(None)
+
+
+def node(pack, name):
+    """A fresh instance of the pack's node class ``name``."""
+    return pack.NODE_CLASS_MAPPINGS[name]()
+
+
+def result(out):
+    """(result tuple, report text) of a node return value."""
+    return out["result"], out["ui"]["text"][0]
+
+
+def rel(tree, key, folder):
+    """A tree file's name relative to its model folder, as a node's dropdown lists it."""
+    return tree.files[key].relative_to(tree.root / folder).as_posix()
+
+
+@pytest.fixture(scope="module")
 def one_thread():
     """Run a module's tiny-model work on one torch thread, restored after: tiny tensors gain nothing from
     threads, and on a busy 2-core runner two threads wait on each other (up to 10x slower)."""

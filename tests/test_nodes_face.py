@@ -3,7 +3,6 @@ adapter formats), Face Mix, Face Similarity, Character Image and Face Pass, and 
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import shutil
@@ -11,6 +10,7 @@ import shutil
 import pytest
 import torch
 
+from conftest import node, rel, result
 from tcan_core.animation.text import encode_empty_prompt
 from tcan_core.animation.vae import DiffusersVAE
 
@@ -20,29 +20,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SIZE = 64
 
 
-@pytest.fixture(scope="module")
-def models(pack, tmp_path_factory):
-    from tcan_core.tiny.tree import write_demo_tree
-
-    host = importlib.import_module(f"{pack.__name__}.nodes.host")
-    tree = write_demo_tree(tmp_path_factory.mktemp("face_models"))
-    host.set_models_root(tree.root)
-    yield tree
-    host.set_models_root(None)
-
-
-def node(pack, name):
-    return pack.NODE_CLASS_MAPPINGS[name]()
-
-
-def result(out):
-    return out["result"], out["ui"]["text"][0]
-
-
-def rel(tree, key, folder):
-    return tree.files[key].relative_to(tree.root / folder).as_posix()
-
-
 def picture(faces, width=320, height=320, seed=0) -> torch.Tensor:
     from tcan_core.tiny.face_onnx import draw_test_faces
 
@@ -50,7 +27,7 @@ def picture(faces, width=320, height=320, seed=0) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def face(pack, models):
+def face(pack, demo_models):
     (identity, preview, crops), report = result(node(pack, "TCANFaceAnalysis").analyze(
         picture([(160, 150, 48)]), "buffalo_l", 0.5, -1))
     assert "CPUExecutionProvider" in report
@@ -59,43 +36,43 @@ def face(pack, models):
 
 
 @pytest.fixture(scope="module")
-def other_face(pack, models):
+def other_face(pack, demo_models):
     (identity, _, _), _ = result(node(pack, "TCANFaceAnalysis").analyze(
         picture([(160, 150, 48)], seed=7), "buffalo_l", 0.5, -1))
     return identity
 
 
 @pytest.fixture(scope="module")
-def loaded(pack, models):
-    (model,), _ = result(node(pack, "TCANLoadModel").load(rel(models, "sd15_safetensors", "checkpoints"),
+def loaded(pack, demo_models):
+    (model,), _ = result(node(pack, "TCANLoadModel").load(rel(demo_models, "sd15_safetensors", "checkpoints"),
                                                           "none (training-free: base UNet)"))
     return model
 
 
-def test_face_packs_are_listed_with_the_usual_names(pack, models):
+def test_face_packs_are_listed_with_the_usual_names(pack, demo_models):
     packs = pack.NODE_CLASS_MAPPINGS["TCANFaceAnalysis"].INPUT_TYPES()["required"]["face_pack"][0]
     assert {"antelopev2", "buffalo_l"} <= set(packs)
 
 
-def test_face_analysis_reports_several_faces_and_uses_the_largest(pack, models):
+def test_face_analysis_reports_several_faces_and_uses_the_largest(pack, demo_models):
     image = picture([(70, 160, 24), (200, 160, 48)])
     (identity, _, _), report = result(node(pack, "TCANFaceAnalysis").analyze(image, "buffalo_l", 0.5, -1))
     assert "2 faces" in report
     assert identity.box_size > 40
 
 
-def test_face_analysis_without_a_face_says_what_to_do(pack, models):
+def test_face_analysis_without_a_face_says_what_to_do(pack, demo_models):
     with pytest.raises(ValueError, match="no face found.*lower the detection threshold"):
         node(pack, "TCANFaceAnalysis").analyze(torch.zeros(1, 128, 128, 3), "buffalo_l", 0.5, -1)
 
 
-def test_a_missing_pack_names_the_folder(pack, models):
-    shutil.rmtree(models.root / "insightface" / "models" / "antelopev2", ignore_errors=True)
+def test_a_missing_pack_names_the_folder(pack, demo_models):
+    shutil.rmtree(demo_models.root / "insightface" / "models" / "antelopev2", ignore_errors=True)
     with pytest.raises(FileNotFoundError, match="models/insightface/models"):
         node(pack, "TCANFaceAnalysis").analyze(picture([(160, 150, 48)]), "antelopev2", 0.5, -1)
 
 
-def test_insightface_missing_names_what_to_install(pack, models, monkeypatch):
+def test_insightface_missing_names_what_to_install(pack, demo_models, monkeypatch):
     import builtins
 
     real_import = builtins.__import__
@@ -118,7 +95,7 @@ def test_face_mix_one_zero_is_the_first_face(pack, face, other_face):
     assert abs(float(half.embedding.norm()) - 1.0) < 1e-5
 
 
-def test_face_similarity_scores_the_reference_one_and_reports_faceless_frames(pack, models, face):
+def test_face_similarity_scores_the_reference_one_and_reports_faceless_frames(pack, demo_models, face):
     frames = torch.cat([picture([(160, 150, 48)]), torch.zeros(1, 320, 320, 3)])
     (plot, mean, per_frame), report = result(node(pack, "TCANFaceSimilarity").measure(face, frames, "buffalo_l", 0.5))
     scores = json.loads(per_frame)
@@ -130,11 +107,11 @@ def test_face_similarity_scores_the_reference_one_and_reports_faceless_frames(pa
     assert math.isnan(none_mean)
 
 
-def test_face_pass_is_off_by_default_and_swaps_when_enabled(pack, models, face, other_face):
+def test_face_pass_is_off_by_default_and_swaps_when_enabled(pack, demo_models, face, other_face):
     frames = torch.cat([picture([(160, 150, 48)], seed=7), torch.zeros(1, 320, 320, 3)])
     spec = pack.NODE_CLASS_MAPPINGS["TCANFacePass"].INPUT_TYPES()["required"]
     assert spec["enabled"][1]["default"] is False
-    swapper = rel(models, "inswapper", "insightface")
+    swapper = rel(demo_models, "inswapper", "insightface")
     assert swapper in spec["swap_model"][0] and not any(n.startswith("models/") for n in spec["swap_model"][0])
     (same,), report = result(node(pack, "TCANFacePass").apply(frames, face, False, swapper, "buffalo_l", 0.5, 0.1))
     assert same is frames and "off" in report
@@ -145,33 +122,34 @@ def test_face_pass_is_off_by_default_and_swaps_when_enabled(pack, models, face, 
 
 
 @pytest.mark.parametrize("adapter,encoder", [("id_animator", True), ("ip_faceid", False)])
-def test_face_id_patches_a_clone(pack, models, loaded, face, adapter, encoder):
+def test_face_id_patches_a_clone(pack, demo_models, loaded, face, adapter, encoder):
     folder = "tcan" if adapter == "id_animator" else "ipadapter"
-    clip = rel(models, "clip_vision", "clip_vision") if encoder else "none"
+    clip = rel(demo_models, "clip_vision", "clip_vision") if encoder else "none"
     spec = pack.NODE_CLASS_MAPPINGS["TCANFaceID"].INPUT_TYPES()["required"]
-    name = f"{folder}/{rel(models, adapter, folder)}"
+    name = f"{folder}/{rel(demo_models, adapter, folder)}"
     assert name in spec["adapter_name"][0]
     (model,), report = result(node(pack, "TCANFaceID").patch(loaded, face, name, clip, 0.8, 1.0))
     assert [p.key for p in model.patches] == ["face_id"] and loaded.patches == ()
     assert report
 
 
-def test_face_id_of_id_animator_without_a_clip_encoder_says_which_one(pack, models, loaded, face):
-    name = f"tcan/{rel(models, 'id_animator', 'tcan')}"
+def test_face_id_of_id_animator_without_a_clip_encoder_says_which_one(pack, demo_models, loaded, face):
+    name = f"tcan/{rel(demo_models, 'id_animator', 'tcan')}"
     with pytest.raises(ValueError, match="ViT-H/14"):
         node(pack, "TCANFaceID").patch(loaded, face, name, "none", 0.8, 1.0)
 
 
-def test_character_image_node(pack, models, loaded, face):
-    context = encode_empty_prompt(models.modules["text_encoder"])
+def test_character_image_node(pack, demo_models, loaded, face):
+    context = encode_empty_prompt(demo_models.modules["text_encoder"])
     conditioning = [[context, {}]]
     (model,), _ = result(node(pack, "TCANTemporalControlNet").patch(
-        loaded, rel(models, "controlnet_ldm", "controlnet"), "off", 1.0, 0.0, 1.0))
+        loaded, rel(demo_models, "controlnet_ldm", "controlnet"), "off", 1.0, 0.0, 1.0))
     (model,), _ = result(node(pack, "TCANFaceID").patch(
-        model, face, f"ipadapter/{rel(models, 'ip_faceid', 'ipadapter')}", "none", 0.8, 1.0))
+        model, face, f"ipadapter/{rel(demo_models, 'ip_faceid', 'ipadapter')}", "none", 0.8, 1.0))
     poses = torch.zeros(1, SIZE, SIZE, 3)
     poses[0, 16:48, 28:36] = 1.0
     (image, latent), report = result(node(pack, "TCANCharacterImage").generate(
-        model, poses, conditioning, conditioning, DiffusersVAE(models.modules["vae"]), 1, 2, 7.5, "DDIM", SIZE, SIZE))
+        model, poses, conditioning, conditioning, DiffusersVAE(demo_models.modules["vae"]), 1, 2, 7.5, "DDIM", SIZE,
+        SIZE))
     assert image.shape == (1, SIZE, SIZE, 3) and latent["samples"].shape == (1, 4, SIZE // 8, SIZE // 8)
     assert "No Face ID" not in report and "No ControlNet" not in report

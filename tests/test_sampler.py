@@ -15,11 +15,9 @@ from tcan_core.animation.patches import AppaLoraPatch, ControlNetPatch, MotionPa
 from tcan_core.animation.sampler import (NOISE_REPEATED, SamplerSettings, SamplingCancelled, decode_frames,
                                          fit_images, initial_noise, sample_animation)
 from tcan_core.animation.schedulers import SCHEDULERS
-from tcan_core.animation.text import encode_empty_prompt
 from tcan_core.animation.vae import DiffusersVAE
 from tcan_core.models.lora import LoraPatch, appa_targets, parse_lora_state_dict
 from tcan_core.tiny.lora import peft_state_dict, tiny_lora_factors
-from tcan_core.tiny.sd15 import build_tiny_controlnet, build_tiny_motion_adapter, build_tiny_sd15
 
 SIZE = 64
 
@@ -28,23 +26,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def parts():
-    unet, vae, text = build_tiny_sd15()
-    return dict(unet=unet, vae=vae, text=text, controlnet=build_tiny_controlnet(),
-                adapter=build_tiny_motion_adapter("v2"), context=encode_empty_prompt(text))
-
-
-@pytest.fixture(scope="module")
-def base(parts):
-    return TCANModel(parts["unet"], parts["vae"], parts["text"], "tiny")
-
-
-@pytest.fixture(scope="module")
-def full(parts, base):
+def full(tiny_parts, tiny_model):
     """Motion module, temporal ControlNet shared with it, PTM: the training-free TCAN graph."""
-    adapter = parts["adapter"]
-    return (base.with_patch(MotionPatch(adapter, "tiny motion"))
-            .with_patch(ControlNetPatch(parts["controlnet"], "tiny controlnet", TemporalLayers.from_motion_adapter(adapter)))
+    adapter = tiny_parts["adapter"]
+    return (tiny_model.with_patch(MotionPatch(adapter, "tiny motion"))
+            .with_patch(ControlNetPatch(tiny_parts["controlnet"], "tiny controlnet",
+                                        TemporalLayers.from_motion_adapter(adapter)))
             .with_patch(PTMPatch(3.0)))
 
 
@@ -64,53 +51,54 @@ def pose_images(frames: int, size: tuple[int, int] = (SIZE, SIZE)) -> torch.Tens
     return poses
 
 
-def run(model, parts, frames=4, reference=None, poses=None, **settings):
+def run(model, tiny_parts, frames=4, reference=None, poses=None, **settings):
     options = dict(width=SIZE, height=SIZE, steps=2, context_length=4, context_overlap=1)
     options.update(settings)
     return sample_animation(model, reference_image() if reference is None else reference,
-                            pose_images(frames) if poses is None else poses, parts["context"], parts["context"],
-                            DiffusersVAE(parts["vae"]), SamplerSettings(**options)).frames
+                            pose_images(frames) if poses is None else poses, tiny_parts["context"],
+                            tiny_parts["context"],
+                            DiffusersVAE(tiny_parts["vae"]), SamplerSettings(**options)).frames
 
 
-def test_output_shapes_and_range(full, parts):
-    result = sample_animation(full, reference_image(), pose_images(5), parts["context"], parts["context"],
-                              DiffusersVAE(parts["vae"]), SamplerSettings(width=SIZE, height=SIZE, steps=2))
+def test_output_shapes_and_range(full, tiny_parts):
+    result = sample_animation(full, reference_image(), pose_images(5), tiny_parts["context"], tiny_parts["context"],
+                              DiffusersVAE(tiny_parts["vae"]), SamplerSettings(width=SIZE, height=SIZE, steps=2))
     assert result.frames.shape == (5, SIZE, SIZE, 3) and result.frames.device.type == "cpu"
     assert result.latents.shape == (5, 4, SIZE // 8, SIZE // 8)
     assert float(result.frames.min()) >= 0.0 and float(result.frames.max()) <= 1.0
 
 
-def test_same_seed_same_frames_other_seed_other_frames(full, parts):
-    a = run(full, parts, seed=3)
-    assert torch.equal(a, run(full, parts, seed=3))
-    assert not torch.equal(a, run(full, parts, seed=4))
+def test_same_seed_same_frames_other_seed_other_frames(full, tiny_parts):
+    a = run(full, tiny_parts, seed=3)
+    assert torch.equal(a, run(full, tiny_parts, seed=3))
+    assert not torch.equal(a, run(full, tiny_parts, seed=4))
 
 
 @pytest.mark.parametrize("frames", range(1, 41))
-def test_any_frame_count_with_context_16_overlap_4(base, parts, frames):
-    model = base.with_patch(MotionPatch(parts["adapter"], "tiny motion"))
-    out = run(model, parts, frames=frames, steps=1, cfg=1.0, context_length=16, context_overlap=4)
+def test_any_frame_count_with_context_16_overlap_4(tiny_model, tiny_parts, frames):
+    model = tiny_model.with_patch(MotionPatch(tiny_parts["adapter"], "tiny motion"))
+    out = run(model, tiny_parts, frames=frames, steps=1, cfg=1.0, context_length=16, context_overlap=4)
     assert out.shape[0] == frames and bool(torch.isfinite(out).all())
 
 
-def test_one_window_covering_the_clip_equals_a_longer_window(full, parts):
-    exact = run(full, parts, frames=6, context_length=6)
-    assert torch.equal(exact, run(full, parts, frames=6, context_length=16))
-    assert torch.equal(exact, run(full, parts, frames=6, context_length=6, closed_loop=True))
+def test_one_window_covering_the_clip_equals_a_longer_window(full, tiny_parts):
+    exact = run(full, tiny_parts, frames=6, context_length=6)
+    assert torch.equal(exact, run(full, tiny_parts, frames=6, context_length=16))
+    assert torch.equal(exact, run(full, tiny_parts, frames=6, context_length=6, closed_loop=True))
 
 
-def test_windows_change_a_long_clip_and_closed_loop_changes_it_again(full, parts):
-    whole = run(full, parts, frames=8, context_length=8)
-    windowed = run(full, parts, frames=8, context_length=4, context_overlap=2)
-    looped = run(full, parts, frames=8, context_length=4, context_overlap=2, closed_loop=True)
+def test_windows_change_a_long_clip_and_closed_loop_changes_it_again(full, tiny_parts):
+    whole = run(full, tiny_parts, frames=8, context_length=8)
+    windowed = run(full, tiny_parts, frames=8, context_length=4, context_overlap=2)
+    looped = run(full, tiny_parts, frames=8, context_length=4, context_overlap=2, closed_loop=True)
     assert not torch.equal(whole, windowed) and not torch.equal(windowed, looped)
 
 
-def test_ptm_tau_zero_equals_no_ptm(parts, base):
-    motion = base.with_patch(MotionPatch(parts["adapter"], "tiny motion"))
-    plain = run(motion, parts)
-    assert torch.equal(plain, run(motion.with_patch(PTMPatch(0.0)), parts))
-    assert not torch.equal(plain, run(motion.with_patch(PTMPatch(3.0)), parts))
+def test_ptm_tau_zero_equals_no_ptm(tiny_parts, tiny_model):
+    motion = tiny_model.with_patch(MotionPatch(tiny_parts["adapter"], "tiny motion"))
+    plain = run(motion, tiny_parts)
+    assert torch.equal(plain, run(motion.with_patch(PTMPatch(0.0)), tiny_parts))
+    assert not torch.equal(plain, run(motion.with_patch(PTMPatch(3.0)), tiny_parts))
 
 
 def tiny_lora(unet) -> LoraPatch:
@@ -119,56 +107,59 @@ def tiny_lora(unet) -> LoraPatch:
     return LoraPatch(parse_lora_state_dict(peft_state_dict(factors), unet, "tiny APPA"), 1.0)
 
 
-def test_lora_strength_zero_equals_no_lora(parts, base):
-    lora = tiny_lora(parts["unet"])
-    plain = run(base, parts)
-    assert torch.equal(plain, run(base.with_patch(AppaLoraPatch(lora.with_strength(0.0))), parts))
-    assert not torch.equal(plain, run(base.with_patch(AppaLoraPatch(lora)), parts))
+def test_lora_strength_zero_equals_no_lora(tiny_parts, tiny_model):
+    lora = tiny_lora(tiny_parts["unet"])
+    plain = run(tiny_model, tiny_parts)
+    assert torch.equal(plain, run(tiny_model.with_patch(AppaLoraPatch(lora.with_strength(0.0))), tiny_parts))
+    assert not torch.equal(plain, run(tiny_model.with_patch(AppaLoraPatch(lora)), tiny_parts))
 
 
-def test_temporal_controlnet_with_zeroed_layers_equals_the_frozen_controlnet(parts, base):
-    adapter = copy.deepcopy(parts["adapter"])
+def test_temporal_controlnet_with_zeroed_layers_equals_the_frozen_controlnet(tiny_parts, tiny_model):
+    adapter = copy.deepcopy(tiny_parts["adapter"])
     zeroed = TemporalLayers.from_motion_adapter(copy.deepcopy(adapter))
     with torch.no_grad():
         for name, param in zeroed.named_parameters():
             if "proj_out" in name:
                 param.zero_()
-    motion = base.with_patch(MotionPatch(adapter, "tiny motion"))
-    frozen = run(motion.with_patch(ControlNetPatch(parts["controlnet"], "cn")), parts)
-    with_zeroed = run(motion.with_patch(ControlNetPatch(parts["controlnet"], "cn", zeroed)), parts)
+    motion = tiny_model.with_patch(MotionPatch(adapter, "tiny motion"))
+    frozen = run(motion.with_patch(ControlNetPatch(tiny_parts["controlnet"], "cn")), tiny_parts)
+    with_zeroed = run(motion.with_patch(ControlNetPatch(tiny_parts["controlnet"], "cn", zeroed)), tiny_parts)
     torch.testing.assert_close(with_zeroed, frozen, rtol=0, atol=1e-6)
-    shared = run(motion.with_patch(ControlNetPatch(parts["controlnet"], "cn", TemporalLayers.from_motion_adapter(adapter))),
-                 parts)
+    shared = run(motion.with_patch(ControlNetPatch(tiny_parts["controlnet"], "cn",
+                                                   TemporalLayers.from_motion_adapter(adapter))),
+                 tiny_parts)
     assert (shared - frozen).abs().max() > 1e-4
 
 
-def test_controlnet_changes_the_frames_and_strength_zero_is_no_controlnet(parts, base):
-    plain = run(base, parts)
-    assert torch.equal(plain, run(base.with_patch(ControlNetPatch(parts["controlnet"], "cn", strength=0.0)), parts))
-    assert not torch.equal(plain, run(base.with_patch(ControlNetPatch(parts["controlnet"], "cn", strength=2.0)), parts))
+def test_controlnet_changes_the_frames_and_strength_zero_is_no_controlnet(tiny_parts, tiny_model):
+    plain = run(tiny_model, tiny_parts)
+    controlnet = tiny_parts["controlnet"]
+    assert torch.equal(plain, run(tiny_model.with_patch(ControlNetPatch(controlnet, "cn", strength=0.0)), tiny_parts))
+    assert not torch.equal(plain, run(tiny_model.with_patch(ControlNetPatch(controlnet, "cn", strength=2.0)),
+                                      tiny_parts))
 
 
-def test_the_reference_conditions_the_frames(full, parts):
-    a = run(full, parts, reference=reference_image(0))
-    assert not torch.equal(a, run(full, parts, reference=reference_image(1)))
-    assert not torch.equal(a, run(full, parts, reference_out_of_uncond=False))
+def test_the_reference_conditions_the_frames(full, tiny_parts):
+    a = run(full, tiny_parts, reference=reference_image(0))
+    assert not torch.equal(a, run(full, tiny_parts, reference=reference_image(1)))
+    assert not torch.equal(a, run(full, tiny_parts, reference_out_of_uncond=False))
 
 
-def test_appearance_unet_from_a_file_is_used(parts, full):
-    other = copy.deepcopy(parts["unet"])
+def test_appearance_unet_from_a_file_is_used(tiny_parts, full):
+    other = copy.deepcopy(tiny_parts["unet"])
     with torch.no_grad():
         for p in other.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     separate = TCANModel(full.unet, full.vae, full.text_encoder, "tiny", appearance_unet=other, patches=full.patches)
-    assert not torch.equal(run(full, parts), run(separate, parts))
+    assert not torch.equal(run(full, tiny_parts), run(separate, tiny_parts))
     shared_copy = TCANModel(full.unet, full.vae, full.text_encoder, "tiny",
-                            appearance_unet=copy.deepcopy(parts["unet"]), patches=full.patches)
-    torch.testing.assert_close(run(shared_copy, parts), run(full, parts), rtol=0, atol=1e-5)
+                            appearance_unet=copy.deepcopy(tiny_parts["unet"]), patches=full.patches)
+    torch.testing.assert_close(run(shared_copy, tiny_parts), run(full, tiny_parts), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
-def test_every_scheduler_samples(full, parts, scheduler):
-    out = run(full, parts, scheduler=scheduler, steps=3)
+def test_every_scheduler_samples(full, tiny_parts, scheduler):
+    out = run(full, tiny_parts, scheduler=scheduler, steps=3)
     assert bool(torch.isfinite(out).all())
 
 
@@ -188,12 +179,12 @@ def processors(unet):
     return {name: type(p) for name, p in unet.attn_processors.items()}
 
 
-def test_a_cancelled_run_leaves_nothing_behind(full, parts):
-    lora = tiny_lora(parts["unet"])
+def test_a_cancelled_run_leaves_nothing_behind(full, tiny_parts):
+    lora = tiny_lora(tiny_parts["unet"])
     model = full.with_patch(AppaLoraPatch(lora))
-    clean = run(model, parts, frames=6)
-    before, procs = weights(model), processors(parts["unet"])
-    hooks = sum(len(m._forward_hooks) for m in parts["unet"].modules())
+    clean = run(model, tiny_parts, frames=6)
+    before, procs = weights(model), processors(tiny_parts["unet"])
+    hooks = sum(len(m._forward_hooks) for m in tiny_parts["unet"].modules())
     calls = {"n": 0}
 
     def cancel_on_third():
@@ -202,24 +193,25 @@ def test_a_cancelled_run_leaves_nothing_behind(full, parts):
             raise SamplingCancelled("cancelled")
 
     with pytest.raises(SamplingCancelled):
-        sample_animation(model, reference_image(), pose_images(6), parts["context"], parts["context"],
-                         DiffusersVAE(parts["vae"]), SamplerSettings(width=SIZE, height=SIZE, steps=2, context_length=4,
-                                                                     context_overlap=1), check_cancel=cancel_on_third)
+        sample_animation(model, reference_image(), pose_images(6), tiny_parts["context"], tiny_parts["context"],
+                         DiffusersVAE(tiny_parts["vae"]),
+                         SamplerSettings(width=SIZE, height=SIZE, steps=2, context_length=4, context_overlap=1),
+                         check_cancel=cancel_on_third)
     assert all(torch.equal(a, b) for a, b in zip(before, weights(model)))
-    assert processors(parts["unet"]) == procs
-    assert sum(len(m._forward_hooks) for m in parts["unet"].modules()) == hooks
-    assert torch.equal(run(model, parts, frames=6), clean)
+    assert processors(tiny_parts["unet"]) == procs
+    assert sum(len(m._forward_hooks) for m in tiny_parts["unet"].modules()) == hooks
+    assert torch.equal(run(model, tiny_parts, frames=6), clean)
 
 
-def test_two_clones_sampled_alternately_keep_their_own_results(full, parts):
-    lora = tiny_lora(parts["unet"])
+def test_two_clones_sampled_alternately_keep_their_own_results(full, tiny_parts):
+    lora = tiny_lora(tiny_parts["unet"])
     a, b = full.with_patch(AppaLoraPatch(lora)), full.with_patch(PTMPatch(6.0))
-    alone_a, alone_b = run(a, parts), run(b, parts)
-    assert torch.equal(run(b, parts), alone_b) and torch.equal(run(a, parts), alone_a)
+    alone_a, alone_b = run(a, tiny_parts), run(b, tiny_parts)
+    assert torch.equal(run(b, tiny_parts), alone_b) and torch.equal(run(a, tiny_parts), alone_a)
     assert not torch.equal(alone_a, alone_b)
 
 
-def test_calibration_adds_the_calibrated_reference(full, parts):
+def test_calibration_adds_the_calibrated_reference(full, tiny_parts):
     from tcan_core.demo_scene import character_image, character_pose, driving_dance
     from tcan_core.pose.retarget import retarget_poses
     from tcan_core.tpc import calibrate
@@ -230,57 +222,59 @@ def test_calibration_adds_the_calibrated_reference(full, parts):
     calibration = calibrate(reference, character, driving, keypoint_set="body", sparsity=2)
     ref = torch.from_numpy(reference)[None]
     options = SamplerSettings(width=SIZE, height=SIZE, steps=2, context_length=4, context_overlap=1)
-    plain = sample_animation(full, ref, pose_images(4), parts["context"], parts["context"], DiffusersVAE(parts["vae"]),
-                             options).frames
-    calibrated = sample_animation(full, ref, pose_images(4), parts["context"], parts["context"],
-                                  DiffusersVAE(parts["vae"]), options, calibration=calibration).frames
+    plain = sample_animation(full, ref, pose_images(4), tiny_parts["context"], tiny_parts["context"],
+                             DiffusersVAE(tiny_parts["vae"]), options).frames
+    calibrated = sample_animation(full, ref, pose_images(4), tiny_parts["context"], tiny_parts["context"],
+                                  DiffusersVAE(tiny_parts["vae"]), options, calibration=calibration).frames
     assert bool(torch.isfinite(calibrated).all()) and not torch.equal(plain, calibrated)
     with pytest.raises(ValueError, match="calibration covers 4 driving frames but 3 pose images"):
-        sample_animation(full, ref, pose_images(3), parts["context"], parts["context"], DiffusersVAE(parts["vae"]),
+        sample_animation(full, ref, pose_images(3), tiny_parts["context"], tiny_parts["context"],
+                         DiffusersVAE(tiny_parts["vae"]),
                          options, calibration=calibration)
 
 
 # Bad input -> clear error.
 
-def test_width_not_a_multiple_of_8_names_the_nearest_sizes(full, parts):
+def test_width_not_a_multiple_of_8_names_the_nearest_sizes(full, tiny_parts):
     with pytest.raises(ValueError, match="width must be a multiple of 8.*got 500.*496 and 504"):
-        run(full, parts, width=500)
+        run(full, tiny_parts, width=500)
     with pytest.raises(ValueError, match="height must be a multiple of 8"):
-        run(full, parts, height=70)
+        run(full, tiny_parts, height=70)
 
 
-def test_zero_pose_frames(full, parts):
+def test_zero_pose_frames(full, tiny_parts):
     with pytest.raises(ValueError, match="0 frames"):
-        run(full, parts, poses=torch.zeros(0, SIZE, SIZE, 3))
+        run(full, tiny_parts, poses=torch.zeros(0, SIZE, SIZE, 3))
 
 
-def test_pose_frames_of_another_aspect_are_refused_with_a_size_to_use(full, parts):
+def test_pose_frames_of_another_aspect_are_refused_with_a_size_to_use(full, tiny_parts):
     with pytest.raises(ValueError, match=r"pose images are 64x128 .*set width x height to \d+x\d+"):
-        run(full, parts, poses=pose_images(2, (128, 64)))
+        run(full, tiny_parts, poses=pose_images(2, (128, 64)))
 
 
-def test_pose_frames_of_the_same_aspect_are_resized(full, parts):
+def test_pose_frames_of_the_same_aspect_are_resized(full, tiny_parts):
     big = pose_images(3, (128, 128))
     assert fit_images(big, SIZE, SIZE, "pose images").shape == (3, SIZE, SIZE, 3)
-    assert run(full, parts, frames=3, poses=big).shape == (3, SIZE, SIZE, 3)
+    assert run(full, tiny_parts, frames=3, poses=big).shape == (3, SIZE, SIZE, 3)
 
 
-def test_a_reference_batch_is_refused(full, parts):
+def test_a_reference_batch_is_refused(full, tiny_parts):
     with pytest.raises(ValueError, match="batch of 2 images.*ImageFromBatch"):
-        run(full, parts, reference=torch.cat([reference_image(0), reference_image(1)]))
+        run(full, tiny_parts, reference=torch.cat([reference_image(0), reference_image(1)]))
 
 
 @pytest.mark.parametrize("width, base_name", [(2048, "SDXL"), (1024, "SD2.x")])
-def test_conditioning_from_another_text_encoder(full, parts, width, base_name):
+def test_conditioning_from_another_text_encoder(full, tiny_parts, width, base_name):
     bad = torch.zeros(1, 77, width)
     with pytest.raises(ValueError, match=f"{width} wide.*{base_name}.*SD1.5"):
-        sample_animation(full, reference_image(), pose_images(2), bad, parts["context"], DiffusersVAE(parts["vae"]),
+        sample_animation(full, reference_image(), pose_images(2), bad, tiny_parts["context"],
+                         DiffusersVAE(tiny_parts["vae"]),
                          SamplerSettings(width=SIZE, height=SIZE, steps=1))
 
 
-def test_context_longer_than_the_motion_module_can_see(full, parts):
+def test_context_longer_than_the_motion_module_can_see(full, tiny_parts):
     with pytest.raises(ValueError, match="context length 40 is longer than the motion module's 32-frame"):
-        run(full, parts, frames=40, context_length=40)
+        run(full, tiny_parts, frames=40, context_length=40)
 
 
 class NaNVAE:
@@ -293,15 +287,16 @@ def test_nan_from_the_vae_names_the_vae_and_suggests_fp32():
         decode_frames(NaNVAE(), torch.zeros(2, 4, 1, 1))
 
 
-def test_face_id_patch_in_the_sampler_scale_zero_is_no_patch(full, parts, tmp_path):
+def test_face_id_patch_in_the_sampler_scale_zero_is_no_patch(full, tiny_parts, tmp_path):
     from tcan_core.face import FaceIDPatch, clip_image_embeddings, load_id_animator
     from tcan_core.tiny.face_adapter import build_tiny_clip_vision, write_tiny_id_animator
 
-    weights = load_id_animator(write_tiny_id_animator(tmp_path / "animator.ckpt", parts["unet"]), parts["unet"])
+    unet = tiny_parts["unet"]
+    weights = load_id_animator(write_tiny_id_animator(tmp_path / "animator.ckpt", unet), unet)
     faces = clip_image_embeddings(build_tiny_clip_vision(), torch.rand(1, 224, 224, 3,
                                                                        generator=torch.Generator().manual_seed(2)))
-    plain = run(full, parts)
-    assert torch.equal(plain, run(full.with_patch(FaceIDPatch(weights, faces, scale=0.0)), parts))
-    with_face = run(full.with_patch(FaceIDPatch(weights, faces, scale=0.8)), parts)
+    plain = run(full, tiny_parts)
+    assert torch.equal(plain, run(full.with_patch(FaceIDPatch(weights, faces, scale=0.0)), tiny_parts))
+    with_face = run(full.with_patch(FaceIDPatch(weights, faces, scale=0.8)), tiny_parts)
     assert not torch.equal(plain, with_face)
-    assert torch.equal(run(full, parts), plain)
+    assert torch.equal(run(full, tiny_parts), plain)

@@ -9,6 +9,8 @@ import logging
 import os
 import sys
 
+log = logging.getLogger(__name__)
+
 _here = os.path.dirname(os.path.abspath(__file__))
 
 if "tcan_core" not in sys.modules:
@@ -24,7 +26,7 @@ if _here not in sys.path:
 
 _library = os.path.dirname(os.path.abspath(sys.modules["tcan_core"].__file__))
 if os.path.normcase(_library) != os.path.normcase(os.path.join(_here, "tcan_core")):
-    logging.getLogger(__name__).warning(
+    log.warning(
         "ComfyUI-TCAN: tcan_core was already imported from %s, not from this pack (%s); its nodes may not "
         "match it. Remove the other copy (pip uninstall comfyui-tcan) or update both to one version.",
         _library, _here)

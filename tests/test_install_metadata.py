@@ -194,3 +194,25 @@ def test_comfyui_reads_the_pyproject():
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [PROJECT["name"], PROJECT["version"], COMFY["PublisherId"],
                                   PROJECT["urls"]["Repository"]]
+
+
+def test_pack_names_another_tcan_core_that_was_imported_first(tmp_path):
+    """A tcan_core imported before the pack (another copy, say a pip install of an older version) is named in a warning."""
+    other = tmp_path / "elsewhere" / "tcan_core"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text("__version__ = '0.0.1'\n", encoding="utf-8")
+    code = "\n".join([
+        "import logging, sys",
+        "logging.basicConfig(level=logging.WARNING)",
+        f"sys.path.insert(0, {str(other.parent)!r})",
+        "import tcan_core",
+        f"sys.path.insert(0, {str(ROOT / 'tests')!r})",
+        "from conftest import load_pack",
+        "try:",
+        "    load_pack()",
+        "except Exception as exc:",  # the stand-in has none of the library the nodes import
+        "    print('load failed:', type(exc).__name__)",
+    ])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert f"tcan_core was already imported from {other}" in out.stderr, out.stderr
+    assert "pip uninstall comfyui-tcan" in out.stderr

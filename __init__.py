@@ -24,8 +24,8 @@ if "tcan_core" not in sys.modules:
 if _here not in sys.path:
     sys.path.append(_here)
 
-_library = os.path.dirname(os.path.abspath(sys.modules["tcan_core"].__file__))
-if os.path.normcase(_library) != os.path.normcase(os.path.join(_here, "tcan_core")):
+_library = os.path.dirname(os.path.realpath(sys.modules["tcan_core"].__file__))
+if os.path.normcase(_library) != os.path.normcase(os.path.realpath(os.path.join(_here, "tcan_core"))):
     log.warning(
         "ComfyUI-TCAN: tcan_core was already imported from %s, not from this pack (%s); its nodes may not "
         "match it. Remove the other copy (pip uninstall comfyui-tcan) or update both to one version.",

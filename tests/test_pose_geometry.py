@@ -399,3 +399,15 @@ def test_no_person_errors():
         retarget_poses(sequence(body), sequence(body), proportions="best")
     with pytest.raises(ValueError, match=r"proportions frame must be a frame of the driving pose \(0..0\), got 3"):
         retarget_poses(sequence(body), sequence(body), proportions=PROPORTIONS_CHOSEN, proportions_frame=3)
+
+
+def test_cli_and_headless_run_default_to_the_authors_mode():
+    from tcan_core.cli import build_parser
+    from tcan_core.pipeline import AnimateOptions
+
+    args = ["animate", "--reference", "r.png", "--driving", "d.json", "--out", "o.mp4"]
+    assert build_parser().parse_args(args).retarget_mode == MODE_AUTHORS == AnimateOptions().retarget_mode
+    for mode in MODES:  # every library mode is offered, and nothing else
+        assert build_parser().parse_args(args + ["--retarget-mode", mode]).retarget_mode == mode
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(args + ["--retarget-mode", "paper"])

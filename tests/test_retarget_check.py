@@ -114,7 +114,7 @@ def test_driving_canvas_still_previews_on_the_reference():
     ref = PoseSequence.empty(1, 1, 384, 512)
     ref.body[0, 0] = clip_of(1)[0]
     ref.people[:] = 1
-    check = retarget_and_check(ref, seq(clip_of(2)), canvas="driving", mode=MODE_ALGORITHM_1)
+    check = retarget_and_check(ref, seq(clip_of(2)), canvas="driving", mode=MODE_ALGORITHM_1, preview_size=512)
     assert (check.result.poses.width, check.result.poses.height) == (512, 512)
     assert check.preview.shape == (2, 512, 384, 3)
 

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TOLERANCE = 0.25
 DEFAULT_ANGLE = 45.0
-DEFAULT_PREVIEW_SIZE = 512
+DEFAULT_PREVIEW_SIZE = 384
 # Bones named by their child joint: upper arms, forearms, thighs, shins.
 LIMBS = (3, 4, 6, 7, 9, 10, 12, 13)
 # A bone shorter than this fraction of its target has no reliable direction.
@@ -92,18 +92,17 @@ def check_retarget(reference: PoseSequence, driving: PoseSequence, result: Retar
             reasons[t].append("missing in the driving pose: " + ", ".join(BODY_NAMES[j] for j in lost))
 
     # Limb directions that jump between consecutive frames.
-    vec = out[:, :, :2] - out[:, np.where(PARENTS < 0, 1, PARENTS), :2]
-    usable = np.isfinite(out_len) & (out_len >= _MIN_DIRECTION_LENGTH * np.nan_to_num(target, nan=0.0)[None]) \
-        & (out_len > 1e-3)
-    for t in range(1, frames):
-        for j in LIMBS:
-            if not (usable[t, j] and usable[t - 1, j]):
-                continue
-            a, b = vec[t - 1, j], vec[t, j]
-            cos = float(np.dot(a, b) / (np.hypot(*a) * np.hypot(*b)))
-            turn = float(np.degrees(np.arccos(np.clip(cos, -1.0, 1.0))))
-            if turn > angle_threshold:
-                reasons[t].append(f"{bone_name(j)} turned {turn:.0f} deg since frame {t - 1}")
+    limbs = list(LIMBS)
+    vec = (out[:, limbs, :2] - out[:, PARENTS[limbs], :2])
+    length = out_len[:, limbs]
+    usable = np.isfinite(length) & (length > 1e-3) & \
+        (length >= _MIN_DIRECTION_LENGTH * np.nan_to_num(target[limbs], nan=0.0)[None])
+    both = usable[1:] & usable[:-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cos = (vec[1:] * vec[:-1]).sum(-1) / (length[1:] * length[:-1])
+    turn = np.degrees(np.arccos(np.clip(np.nan_to_num(cos, nan=1.0), -1.0, 1.0)))
+    for t, i in zip(*np.nonzero(both & (turn > angle_threshold))):
+        reasons[t + 1].append(f"{bone_name(limbs[i])} turned {turn[t, i]:.0f} deg since frame {t}")
     return [{"frame": int(t), "reasons": r} for t, r in enumerate(reasons) if r]
 
 
@@ -133,8 +132,10 @@ def preview_on_reference(poses: PoseSequence, image: np.ndarray | None = None,
 
     backdrop = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA) if (w, h) != (width, height) else image
     backdrop = (backdrop.astype(np.float32) * _BACKDROP).astype(np.uint8)
-    drawn = skeleton.any(-1, keepdims=True)
-    return np.where(drawn, skeleton, backdrop[None])
+    for frame in skeleton:  # in place, a frame at a time: no second clip-sized array
+        blank = cv2.inRange(frame, (0, 0, 0), (0, 0, 0))
+        cv2.copyTo(backdrop, blank, frame)
+    return skeleton
 
 
 def format_report(check: RetargetCheck, canvas: str) -> str:

@@ -136,8 +136,8 @@ def test_authors_bone_is_larger_side_times_clipped_foreshortening(seed, frames, 
     out = retarget_poses(sequence(ref), sequence(drv), "reference", mode=MODE_AUTHORS, clip=clip)
     want = max_symmetrised(char_len)[None] * np.minimum(fs, clip)
     want[:, 0] = char_len[0]  # the neck->nose bone takes the character's length, unforeshortened
-    # The authors leave bones shorter than a tenth of the frame's neck->nose length as they are.
-    short = l0[None] * fs < 0.1 * l0[0] * fs[:, :1]
+    # The authors leave bones shorter than a tenth of the character's neck->nose length as they are.
+    short = l0[None] * fs < 0.1 * char_len[0]
     want = np.where(short, l0[None] * fs, want)
     want[:, 0] = char_len[0]
     assert_bones(out.poses.body[:, 0].astype(np.float64), drv, want)
@@ -172,7 +172,8 @@ def test_driving_in_character_proportions_comes_back_unchanged(seed, frames, sca
 def test_authors_mode_keeps_a_clip_in_character_proportions_that_never_outgrows_the_clip(seed, frames, scale):
     rng = np.random.default_rng(seed)
     l0 = random_lengths(rng, symmetric=True)
-    fs = rng.uniform(0.6, 1.1, (frames, 18))  # no bone under a tenth of the head, which the authors leave alone
+    l0[0] = 15.0  # a small head: no bone is under a tenth of the (scaled) head, which the authors leave alone
+    fs = rng.uniform(0.65, 1.1, (frames, 18))
     fs[0] = 1.0
     fs[:, 0] = 1.0  # the authors give the neck->nose bone the character's length in every frame
     drv = build(rng.uniform(150.0, 350.0, (frames, 2)), l0[None] * fs, rng.uniform(-np.pi, np.pi, (frames, 18)))

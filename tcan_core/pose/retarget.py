@@ -21,9 +21,8 @@ numbers (eccv2024tcan/TCAN, ``utils.py``: ``relative_balanced_pose_transform`` a
 - every other bone gets the character's length times its foreshortening ``l_t / l0``
   *clipped to [0, clip]* (clip 1.1), so a detector's sudden over-long bone cannot stretch the
   character; bones the character does not show, and bones shorter than a tenth of the
-  neck->nose length (the driving bone against the driving frame's neck->nose, the character's
-  against the character's), are left as they are, as the authors skip them (their code compares
-  the driving bone with the character's neck->nose length, which mixes the two canvases' units);
+  character's neck->nose length (in the character, or in the driving frame, measured in driving
+  pixels as the authors' code does), are left as they are, as the authors skip them;
 - the result is placed at the character's neck plus the driving neck's motion since the first
   frame times ``r_t``. The authors add that motion in 0..1 coordinates; we add it in pixels,
   which is the same when both canvases have one size and does not skew it when they differ.
@@ -283,9 +282,10 @@ def retarget_poses(reference: PoseSequence, driving: PoseSequence, canvas: str =
             factor = char * fore / drive_len
         # The neck->nose bone takes the character's length outright; a frame without it uses the proportions frame's ratio.
         ratio_t = np.where(head_ok, head / np.where(head_ok, head_now, 1.0), head_ratio)
-        drive_head = head / ratio_t
+        # As in the authors' code, the driving bone (driving pixels) is compared with the character's
+        # neck->nose length: their driving skeleton already has the character's head at that point.
         keep = (~np.isfinite(char) | (char < _AUTHORS_SHORT_BONE * head)
-                | ~(drive_len >= _AUTHORS_SHORT_BONE * drive_head[:, None]) | ~np.isfinite(factor))
+                | ~(drive_len >= _AUTHORS_SHORT_BONE * head) | ~np.isfinite(factor))
         factor = np.where(keep, 1.0, factor)
         factor[:, NOSE] = np.where(head_ok, ratio_t, 1.0)
         motion_scale = ratio_t

@@ -142,12 +142,13 @@ def format_report(check: RetargetCheck, canvas: str) -> str:
     """The node's report: what was done, then one line per marked frame (the first few)."""
     res = check.result
     frames = res.poses.num_frames
-    lines = [f"{frames} frames on the {canvas} canvas ({res.poses.width}x{res.poses.height}), mode {res.mode}, "
-             f"proportions from frame {res.proportions_frame}; character/driving scale {res.body_scale:.3f}, "
-             f"neck-nose ratio {res.head_ratio:.3f}; {res.empty_frames} of {frames} frames without a person "
-             f"(left empty)"]
+    summary = (f"{frames} frames on the {canvas} canvas ({res.poses.width}x{res.poses.height}), mode {res.mode}, "
+               f"proportions from frame {res.proportions_frame}; character/driving scale {res.body_scale:.3f}, "
+               f"neck-nose ratio {res.head_ratio:.3f}; {res.empty_frames} of {frames} frames without a person "
+               f"(left empty)")
+    lines = [summary]
     if res.clipped_bones:
-        lines.append(f"{res.clipped_bones} bone(s) grew past the clip and were held at it")
+        lines.append(f"{res.clipped_bones} bone-frames grew past the clip and were held at it")
     if not check.marks:
         lines.append("checks: no frame marked")
         return "\n".join(lines)
@@ -171,7 +172,7 @@ def retarget_and_check(reference: PoseSequence, driving: PoseSequence, canvas: s
     """
     if canvas not in CANVAS_MODES:
         raise ValueError(f"canvas must be one of {', '.join(CANVAS_MODES)}, got {canvas!r}")
-    settings = dict(mode=mode, clip=clip, proportions=proportions, proportions_frame=proportions_frame)
+    settings = {"mode": mode, "clip": clip, "proportions": proportions, "proportions_frame": proportions_frame}
     result = retarget_poses(reference, driving, canvas, **settings)
     check = RetargetCheck(result, check_retarget(reference, driving, result, tolerance, angle_threshold))
     on_reference = result if canvas == CANVAS_REFERENCE else retarget_poses(reference, driving, CANVAS_REFERENCE,

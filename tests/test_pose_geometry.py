@@ -277,6 +277,44 @@ def test_frames_without_person_stay_empty_and_person_zero_is_used(mode):
         np.testing.assert_allclose(res.poses.body[:, 0][[0, 2, 3]], drv[[0, 2, 3]], rtol=1e-5, atol=1e-2)
 
 
+def descendants(j: int) -> list[int]:
+    kids = [c for c, parent in PARENT.items() if parent == j]
+    return kids + [d for c in kids for d in descendants(c)]
+
+
+def authors_walk(frame: np.ndarray, ref: np.ndarray, first: np.ndarray, clip: float = 1.1) -> np.ndarray:
+    """The authors' per-frame procedure, move by move (without their whole-pixel truncation): ``[18,3]`` -> ``[18,2]``."""
+    x = frame[:, :2].astype(np.float64).copy()
+    length = lambda pts, j: float(np.hypot(*(pts[j, :2] - pts[PARENT[j], :2])))  # noqa: E731
+    head_ref = length(ref, 0)
+    fore = {j: min(length(x, j) / length(first, j), clip) for j in PARENT}
+    ratio = head_ref / length(x, 0)
+    neck_move = (x[1] - first[1, :2]) * ratio
+    target = max_symmetrised(np.array([length(ref, j) if j in PARENT else 0.0 for j in range(18)]))
+    for j in ORDER:
+        if j == 0:
+            f = ratio
+        elif length(x, j) < 0.1 * head_ref or target[j] < 0.1 * head_ref:
+            continue
+        else:
+            f = target[j] * fore[j] / length(x, j)
+        step = (x[j] - x[PARENT[j]]) * (f - 1.0)
+        x[[j] + descendants(j)] += step
+    return x - x[1] + ref[1, :2] + neck_move
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=seeds, frames=frames_st, noise=st.floats(0.0, 8.0))
+def test_authors_mode_equals_the_authors_procedure_move_by_move(seed, frames, noise):
+    rng = np.random.default_rng(seed)
+    ref = build(rng.uniform(100, 400, (1, 2)), random_lengths(rng, False)[None], rng.uniform(-np.pi, np.pi, (1, 18)))
+    drv, _ = driving_clip(rng, frames, random_lengths(rng, False))
+    drv[..., :2] += rng.normal(0.0, noise, drv[..., :2].shape)
+    out = retarget_poses(sequence(ref), sequence(drv), mode=MODE_AUTHORS).poses.body[:, 0, :, :2]
+    want = np.stack([authors_walk(drv[t], ref[0], drv[0]) for t in range(frames)])
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-2)
+
+
 # Hand-computed cases that separate the modes. Joints: 0 nose, 1 neck, 2/5 shoulders, 3/6 elbows, 4/7 wrists.
 def hand_pose(points: dict[int, tuple[float, float]]) -> np.ndarray:
     body = np.zeros((18, 3))

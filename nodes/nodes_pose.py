@@ -13,6 +13,7 @@ import torch
 
 from tcan_core.pose import pose_json
 from tcan_core.pose import retarget as pose_retarget
+from tcan_core.pose import retarget_check
 from tcan_core.pose import smooth as pose_smooth
 from tcan_core.paths import safe_join
 from tcan_core.pose.render import render_poses
@@ -70,12 +71,16 @@ class TCANPoseSmooth:
 class TCANPoseRetarget:
     DESCRIPTION = ("Fits the driving poses to the character's body proportions (TCAN's retargeting): "
                    "the neck stays fixed, each bone takes the character's length times the driving "
-                   "bone's foreshortening against the first frame, and its children move with it. "
-                   "Hands follow the wrists, the face follows the nose.")
+                   "bone's foreshortening against the proportions frame, and its children move with it. "
+                   "Hands follow the wrists, the face follows the nose. Marks the frames to check (bones "
+                   "off the character's proportions, joints the driving pose misses, limbs that flip) and "
+                   "draws the result over the reference image.")
     CATEGORY = POSE_CATEGORY
     FUNCTION = "retarget"
-    RETURN_TYPES = ("POSE_KEYPOINT",)
-    RETURN_NAMES = ("pose_keypoint",)
+    RETURN_TYPES = ("POSE_KEYPOINT", "IMAGE")
+    RETURN_NAMES = ("pose_keypoint", "preview")
+    OUTPUT_TOOLTIPS = ("The retargeted poses, one person per frame.",
+                       "The retargeted skeleton over the (dimmed) reference image, one image per frame.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -86,15 +91,56 @@ class TCANPoseRetarget:
             "canvas": (list(pose_retarget.CANVAS_MODES), {"default": pose_retarget.CANVAS_REFERENCE, "tooltip":
                        "reference: place the poses on the reference image at the character's neck (plus "
                        "the driving neck's motion); driving: keep the driving video's canvas."}),
+            "mode": (list(pose_retarget.MODES), {"default": pose_retarget.MODE_AUTHORS, "tooltip":
+                     "authors_code: as TCAN's released code, which made the published results: each left/right "
+                     "pair takes the character's longer side, foreshortening is clipped at 'clip', lengths are "
+                     "measured in neck-nose units and the neck's motion is scaled by the neck-nose ratio. "
+                     "algorithm_1: the pack's earlier reading of the paper: pairs take their average (one "
+                     "side's measuring error is halved, not copied), foreshortening is not clipped (a bone "
+                     "that truly grows, as when the dancer turns to the camera, grows on the character too, "
+                     "but so does a detector glitch), and one body scale sizes the motion (steady when the "
+                     "head nods)."}),
+            "clip": ("FLOAT", {"default": pose_retarget.DEFAULT_CLIP, "min": 0.1, "max": 10.0, "step": 0.01,
+                               "tooltip": "authors_code only: a bone may grow to at most this times its length "
+                                          "in the proportions frame (TCAN: 1.1), so a sudden over-long "
+                                          "detection cannot stretch the character."}),
+            "proportions": (list(pose_retarget.PROPORTIONS_MODES), {"default": pose_retarget.PROPORTIONS_FIRST,
+                            "tooltip": "Which driving frame defines the dancer's proportions: the first (TCAN's "
+                                       "Algorithm 1), the one in proportions_frame, or automatic (the frame "
+                                       "showing the most bones at their fullest length). Pick a frame where "
+                                       "the whole body faces the camera."}),
+            "proportions_frame": ("INT", {"default": 0, "min": 0, "max": 1_000_000, "tooltip":
+                                  "The frame used when proportions is 'chosen frame' (0 = the first)."}),
+            "length_tolerance": ("FLOAT", {"default": retarget_check.DEFAULT_TOLERANCE, "min": 0.01, "max": 10.0,
+                                           "step": 0.01, "tooltip": "Mark a frame when a bone's length departs "
+                                           "from the character's by more than this fraction (0.25 = 25%)."}),
+            "angle_threshold": ("FLOAT", {"default": retarget_check.DEFAULT_ANGLE, "min": 1.0, "max": 180.0,
+                                          "step": 1.0, "tooltip": "Mark a frame when an arm or leg bone turns by "
+                                          "more than this many degrees since the previous frame."}),
+            "preview_size": ("INT", {"default": retarget_check.DEFAULT_PREVIEW_SIZE, "min": 64, "max": 4096,
+                                     "step": 8, "tooltip": "Longest side of the preview images; every frame is "
+                                     "kept in memory (frames x height x width x 12 bytes)."}),
+        }, "optional": {
+            "reference_image": ("IMAGE", {"tooltip": "The character's picture, drawn under the preview "
+                                                     "skeleton (without it the preview is on black)."}),
         }}
 
-    def retarget(self, reference_pose, driving_pose, canvas):
-        res = pose_retarget.retarget_poses(parse_pose_keypoint(reference_pose), parse_pose_keypoint(driving_pose), canvas)
-        frames = res.poses.num_frames
-        text = (f"{frames} frames on the {canvas} canvas ({res.poses.width}x{res.poses.height}); "
-                f"character/driving scale {res.body_scale:.3f}; "
-                f"{res.empty_frames} of {frames} frames without a person (left empty)")
-        return with_report(text, (to_pose_keypoint(res.poses),))
+    def retarget(self, reference_pose, driving_pose, canvas, mode=pose_retarget.MODE_AUTHORS,
+                 clip=pose_retarget.DEFAULT_CLIP, proportions=pose_retarget.PROPORTIONS_FIRST, proportions_frame=0,
+                 length_tolerance=retarget_check.DEFAULT_TOLERANCE, angle_threshold=retarget_check.DEFAULT_ANGLE,
+                 preview_size=retarget_check.DEFAULT_PREVIEW_SIZE, reference_image=None):
+        image = None
+        if reference_image is not None:
+            image = (reference_image[0].detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        check = retarget_check.retarget_and_check(
+            parse_pose_keypoint(reference_pose), parse_pose_keypoint(driving_pose), canvas, mode=mode, clip=clip,
+            proportions=proportions, proportions_frame=proportions_frame, tolerance=length_tolerance,
+            angle_threshold=angle_threshold, image=image, preview_size=preview_size)
+        preview = torch.from_numpy(check.preview).float().div_(255.0)
+        out = with_report(check.report, (to_pose_keypoint(check.result.poses), preview))
+        # The scrubber (web/) marks these frames on its timeline.
+        out["ui"]["tcan_marks"] = check.marks
+        return out
 
 
 class TCANPoseRender:

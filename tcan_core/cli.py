@@ -59,7 +59,7 @@ def _animate(args: argparse.Namespace) -> int:
     options = AnimateOptions(checkpoint=args.checkpoint, motion_module=args.motion_module, controlnet=args.controlnet,
                              width=args.width, height=args.height, steps=args.steps, cfg=args.cfg,
                              scheduler=args.scheduler, seed=args.seed, tau=args.tau, tpc=not args.no_tpc,
-                             max_frames=args.max_frames)
+                             max_frames=args.max_frames, retarget_mode=args.retarget_mode)
     with tqdm(desc="TCAN", unit="window", disable=None) as bar:
         result = animate(reference, driving, models, reference_pose, options,
                          progress=lambda n, preview: bar.update(n))
@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tau", type=float, default=3.0, help="PTM tau (TCAN: 3; 0 turns PTM off)")
     p.add_argument("--no-tpc", action="store_true", help="skip TPC calibration of the reference")
     p.add_argument("--max-frames", type=int, help="use only the first N driving frames")
+    p.add_argument("--retarget-mode", choices=("authors_code", "algorithm_1"), default="authors_code",
+                   help="pose retargeting: authors_code (TCAN's released code, as in the paper's results) or "
+                        "algorithm_1 (the pack's earlier reading: pairs averaged, no clip on foreshortening)")
     p.add_argument("--fps", type=float, help="frame rate of the output (default: the driving video's, or 12)")
     p.set_defaults(func=_animate)
 

@@ -46,6 +46,7 @@ class AnimateOptions:
     tau: float = 3.0
     tpc: bool = True
     max_frames: int | None = None
+    retarget_mode: str = "authors_code"  # tcan_core.pose.retarget.MODES; the authors' code made TCAN's results
 
 
 @dataclass
@@ -140,7 +141,7 @@ def animate(reference: np.ndarray, driving_poses: PoseSequence, models: ModelFol
     if options.max_frames is not None:
         driving_poses = driving_poses.first(options.max_frames)
     smoothed = smooth_poses(driving_poses).poses
-    retargeted = retarget_poses(reference_pose, smoothed, canvas="reference")
+    retargeted = retarget_poses(reference_pose, smoothed, canvas="reference", mode=options.retarget_mode)
     ref_h, ref_w = reference.shape[:2]
     width, height = (options.width, options.height) if options.width and options.height else \
         size_for_aspect(ref_w / ref_h, options.area)

@@ -85,6 +85,28 @@ def test_retarget_node_types_canvas_and_empty_frames(pack):
     assert kept[3]["people"][0]["pose_keypoints_2d"][3:5] == pytest.approx([256 + 15.0, 170.0])
 
 
+def test_retarget_node_marks_preview_and_modes(pack):
+    reference = [frame(person(scale=0.8), size=(400, 600))]
+    driving = [frame(person((t * 2.0, 0.0))) for t in range(5)]
+    driving[2] = frame(person((4.0, 0.0), drop=(4,)))
+    image = torch.full((1, 60, 40, 3), 0.5)
+    retarget = node(pack, "TCANPoseRetarget")
+    out = retarget.retarget(reference, driving, "reference", "authors_code", 1.1, "first frame", 0, 0.25, 45.0,
+                            64, reference_image=image)
+    assert out["ui"]["tcan_marks"] == [{"frame": 2, "reasons": ["missing in the driving pose: r-wrist"]}]
+    assert "frame 2: missing in the driving pose: r-wrist" in out["ui"]["text"][0]
+    assert "mode authors_code, proportions from frame 0" in out["ui"]["text"][0]
+    poses, preview = out["result"]
+    assert len(poses) == 5 and isinstance(preview, torch.Tensor) and preview.dtype == torch.float32
+    assert preview.shape == (5, 60, 40, 3)  # the reference image's size (under preview_size)
+    assert torch.isclose(preview, torch.tensor(0.6 * 0.5), atol=1 / 255).all(-1).float().mean() > 0.3
+    chosen = retarget.retarget(reference, driving, "reference", "algorithm_1", 1.1, "chosen frame", 3, 0.25, 45.0, 64)
+    assert "mode algorithm_1, proportions from frame 3" in chosen["ui"]["text"][0]
+    assert chosen["result"][1].shape == (5, 64, 43, 3)  # no image: the pose canvas (400 x 600), long side 64
+    with pytest.raises(ValueError, match=r"proportions frame must be a frame of the driving pose \(0..4\), got 9"):
+        retarget.retarget(reference, driving, "reference", "authors_code", 1.1, "chosen frame", 9, 0.25, 45.0, 64)
+
+
 @pytest.mark.parametrize("reference, match", [
     ([frame(person(drop=(1,)))], "missing the neck keypoint"),
     ([frame(person(drop=(0, 1)))], "missing the neck and nose keypoints"),

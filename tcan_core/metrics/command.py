@@ -120,7 +120,8 @@ def face_scorer(models: str | Path | None, pack: str | None) -> tuple[FaceScorer
 def settings_from(args: argparse.Namespace) -> EvalSettings:
     metrics = tuple(m.strip() for m in args.metrics.split(",")) if args.metrics else ALL_METRICS
     return EvalSettings(metrics=metrics, resize=args.resize, clip_length=args.clip_length,
-                        clip_stride=args.clip_stride, clip_pool=args.clip_pool, batch_size=args.batch_size)
+                        clip_stride=args.clip_stride, clip_pool=args.clip_pool, batch_size=args.batch_size,
+                        fid_size=args.fid_size, fid_vid_size=args.fid_vid_size, fvd_size=args.fvd_size)
 
 
 def _device(name: str | None):
@@ -235,7 +236,7 @@ def add_evaluate_parser(sub) -> None:
                                                   "(and optionally poses.json)")
     p.add_argument("--videos", help="comma-separated video names of DATA to use (default: all)")
     p.add_argument("--models", default="models", metavar="DIR",
-                   help=f"models root; metric weights are read from DIR/tcan/metrics and the torch hub cache")
+                   help="models root; metric weights are read from DIR/tcan/metrics and the torch hub cache")
     p.add_argument("--out", default="evaluation", metavar="DIR", help="folder for evaluation.md/.csv/.json")
     p.add_argument("--metrics", help=f"comma-separated subset of: {', '.join(ALL_METRICS)} (default: all)")
     p.add_argument("--resize", default=None, help=f"resize rule: {RESIZE_HELP}. Default: none; 256x256 for "
@@ -246,6 +247,10 @@ def add_evaluate_parser(sub) -> None:
                    help="clip: every clip is one sample (TCAN/DisCo frame folders); video: a video's feature is the "
                         "mean over its clips")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--fid-size", type=int, default=299, help="Inception input size (299; other sizes are for quick "
+                                                             "checks only: the numbers are then not comparable)")
+    p.add_argument("--fid-vid-size", type=int, default=112, help="3D ResNet-50 input size (112)")
+    p.add_argument("--fvd-size", type=int, default=224, help="I3D input size (224)")
     p.add_argument("--device", help="torch device (default: cuda if available)")
     p.add_argument("--face-pack", help="insightface pack for the face metric (default: antelopev2 or buffalo_l if "
                                        "present; 'none' to skip)")

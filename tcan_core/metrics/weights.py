@@ -224,11 +224,17 @@ class _FIDInception(torch.nn.Module):
         return x.mean(dim=(2, 3))
 
 
+# The five linear layers are 1,472 floats (6 KB); bigger files are other networks and are not opened.
+LPIPS_LINEAR_MAX_BYTES = 1 << 20
+
+
 def lpips_linear_file(search: WeightsSearch) -> Path | None:
     """The LPIPS v0.1 AlexNet linear layers: a file in the metrics folders with their keys, else the copy the
     lpips package installs."""
     for d in search.metrics_dirs:
         for name in list_model_files([d], WEIGHT_EXTENSIONS):
+            if (Path(d) / name).stat().st_size > LPIPS_LINEAR_MAX_BYTES:
+                continue
             try:
                 if identify({k: v.shape for k, v in load_state_dict_file(Path(d) / name).items()}) == "lpips_linear":
                     return Path(d) / name

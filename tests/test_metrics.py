@@ -346,3 +346,33 @@ def test_doctor_lists_the_metric_weights(metric_weights, tmp_path):
     assert not reports["metrics_inception"].found
     text = format_report(list(reports.values()))
     assert "I3D (Kinetics-400)" in text and "pytorch-fid/releases" in text
+
+
+def test_video_metrics_node(pack, metric_weights, tmp_path):
+    import importlib
+
+    from conftest import node, result
+
+    _, files = metric_weights
+    folder = tmp_path / "tcan" / "metrics"
+    folder.mkdir(parents=True)
+    for key in ("alexnet", "lpips_linear"):
+        (folder / files[key].name).symlink_to(files[key])
+    host = importlib.import_module(f"{pack.__name__}.nodes.host")
+    host.set_models_root(tmp_path)
+    try:
+        metrics = node(pack, "TCANVideoMetrics")
+        p = _pair(frames=4, size=(32, 40))
+        gen, tgt = torch.from_numpy(p.generated).float() / 255, torch.from_numpy(p.target).float() / 255
+        out = metrics.measure(gen, tgt, "L1, PSNR (DisCo uint8), SSIM, LPIPS, FVD", "none", 8, 1, "none")
+        (report, plot, payload), text = result(out)
+        assert report == text and "| **all** |" in report and "FVD: no I3D" in report
+        data = json.loads(payload)
+        assert len(data["per_frame"]["video"]["LPIPS"]) == 4 and data["summary"]["LPIPS"] > 0
+        assert plot.ndim == 4 and plot.shape[0] == 1 and plot.shape[-1] == 3
+        with pytest.raises(ValueError, match="reference_face is connected but face_pack is 'none'"):
+            metrics.measure(gen, tgt, "L1, face cosine", "none", 8, 1, "none", reference_face=object())
+        with pytest.raises(ValueError, match="4 channels"):
+            metrics.measure(torch.rand(4, 32, 40, 4), tgt, "L1", "none", 8, 1, "none")
+    finally:
+        host.set_models_root(None)

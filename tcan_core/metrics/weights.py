@@ -172,14 +172,18 @@ def _fill_bn_counters(module: torch.nn.Module, sd: dict[str, torch.Tensor]) -> d
 
 @dataclass
 class LoadedNetwork:
-    """A network in eval mode, with the files it came from and their SHA-256."""
+    """A network in eval mode, with the files it came from and their SHA-256 (taken when it was loaded)."""
 
     network: MetricNetwork
     module: torch.nn.Module
     files: dict[str, str]
+    sha256: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.sha256 = {p: file_sha256(p) for p in self.files.values()}
 
     def settings(self) -> dict:
-        return {"network": self.network.title, "files": {p: file_sha256(p) for p in self.files.values()}}
+        return {"network": self.network.title, "files": dict(self.sha256)}
 
 
 def load_inception(path: str | os.PathLike) -> LoadedNetwork:

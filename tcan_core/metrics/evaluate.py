@@ -9,6 +9,7 @@ and the face-identity cosine (TIFF). Per set (all videos together): FID over all
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 from dataclasses import dataclass, field
@@ -255,6 +256,8 @@ def evaluate_pairs(pairs: Sequence[VideoPair], settings: EvalSettings = EvalSett
     if "face cosine" in wanted and face is None and "face cosine" not in result.skipped:
         result.skipped["face cosine"] = ("no face analysis: put an insightface pack (antelopev2 or buffalo_l) into "
                                          "models/insightface/models and install insightface and onnxruntime")
+    if "SSIM" in wanted and importlib.util.find_spec("skimage") is None:
+        result.skipped["SSIM"] = "the Python package 'scikit-image' is not installed (pip install scikit-image)"
     active = [m for m in wanted if m not in result.skipped]
     for m in ("FID-VID", "FVD"):
         if m in active:

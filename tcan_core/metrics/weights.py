@@ -313,22 +313,33 @@ def load_networks(search: WeightsSearch, wanted: Sequence[str]) -> tuple[dict[st
     """The networks the metrics in ``wanted`` need: (metric -> network, metric -> why it is left out)."""
     nets: dict[str, LoadedNetwork] = {}
     skipped: dict[str, str] = {}
-    loaders = {"FID": (INCEPTION, load_inception), "FID-VID": (RESNET3D, load_resnet3d), "FVD": (I3D, load_i3d)}
     for metric in wanted:
-        if metric == "LPIPS":
-            trunk, lin = search.find(ALEXNET), lpips_linear_file(search)
-            if trunk is None:
-                skipped[metric] = search.missing_reason(ALEXNET)
-            elif lin is None:
-                skipped[metric] = ("no LPIPS linear layers: install the lpips package (pip install lpips) or put "
-                                   "its weights/v0.1/alex.pth into the tcan/metrics model folder")
-            else:
-                nets[metric] = load_lpips(trunk, lin)
-        elif metric in loaders:
-            network, loader = loaders[metric]
-            path = search.find(network)
-            if path is None:
-                skipped[metric] = search.missing_reason(network)
-            else:
-                nets[metric] = loader(path)
+        try:
+            _load_one(search, metric, nets, skipped)
+        except ImportError as exc:
+            package = {"LPIPS": "lpips", "FID": "pytorch-fid"}.get(metric, str(exc.name))
+            skipped[metric] = f"the Python package {package!r} is not installed (pip install {package})"
     return nets, skipped
+
+
+def _load_one(search: WeightsSearch, metric: str, nets: dict, skipped: dict) -> None:
+    """Load the network of one metric into ``nets``, or record in ``skipped`` why it cannot be."""
+    if metric == "LPIPS":
+        trunk, lin = search.find(ALEXNET), lpips_linear_file(search)
+        if trunk is None:
+            skipped[metric] = search.missing_reason(ALEXNET)
+        elif lin is None:
+            skipped[metric] = ("no LPIPS linear layers: install the lpips package (pip install lpips) or put its "
+                               "weights/v0.1/alex.pth into the tcan/metrics model folder")
+        else:
+            nets[metric] = load_lpips(trunk, lin)
+        return
+    loaders = {"FID": (INCEPTION, load_inception), "FID-VID": (RESNET3D, load_resnet3d), "FVD": (I3D, load_i3d)}
+    if metric not in loaders:
+        return
+    network, loader = loaders[metric]
+    path = search.find(network)
+    if path is None:
+        skipped[metric] = search.missing_reason(network)
+    else:
+        nets[metric] = loader(path)

@@ -376,3 +376,27 @@ def test_video_metrics_node(pack, metric_weights, tmp_path):
             metrics.measure(torch.rand(4, 32, 40, 4), tgt, "L1", "none", 8, 1, "none")
     finally:
         host.set_models_root(None)
+
+
+def test_face_cosine_against_the_target_faces_and_a_reference(tmp_path, one_thread):
+    pytest.importorskip("insightface")
+    from tcan_core.face.analysis import FaceAnalyzer, analyze_images, resolve_face_pack
+    from tcan_core.metrics import FaceScorer
+    from tcan_core.tiny.face_onnx import draw_test_faces, write_tiny_face_pack
+
+    write_tiny_face_pack(tmp_path, "buffalo_l")
+    analyzer = FaceAnalyzer.load(resolve_face_pack([str(tmp_path / "insightface")], "buffalo_l"))
+    face_a = draw_test_faces(640, 640, [(300, 280, 100)], seed=4)
+    face_b = draw_test_faces(640, 640, [(320, 300, 100)], seed=9)
+    generated = np.stack([face_a, np.zeros_like(face_a), face_b])
+    target = np.stack([face_a, face_a, face_a])
+    settings = EvalSettings(metrics=("face cosine",))
+    result = evaluate_pairs([VideoPair("v", generated, target)], settings, face=FaceScorer(analyzer))
+    scores = result.per_frame["v"]["face cosine"]
+    assert scores[0] == pytest.approx(1.0, abs=1e-5) and scores[1] is None and scores[2] < 0.999
+    assert result.summary["face cosine"] == pytest.approx((scores[0] + scores[2]) / 2)
+    assert result.summary["face distance"] == pytest.approx(1 - result.summary["face cosine"])
+    reference = analyze_images(analyzer, torch.from_numpy(face_a[None]).float() / 255).identity
+    with_ref = evaluate_pairs([VideoPair("v", generated, target)], settings, face=FaceScorer(analyzer, reference))
+    assert with_ref.per_frame["v"]["face cosine"][0] == pytest.approx(1.0, abs=1e-5)
+    assert with_ref.per_frame["v"]["face cosine"][2] == pytest.approx(scores[2], abs=1e-5)

@@ -249,7 +249,7 @@ def test_bad_inputs_get_clear_errors(networks):
         evaluate_pairs([_pair(frames=5)], EvalSettings(metrics=("FVD",), **SMALL), networks=networks)
     with pytest.raises(ValueError, match="at least 2 videos, got 1.*meaningless"):
         evaluate_pairs([_pair()], EvalSettings(metrics=("FID-VID",), clip_pool="video", **SMALL), networks=networks)
-    with pytest.raises(ValueError, match="at least 2 samples on each side.*has 1"):
+    with pytest.raises(ValueError, match="needs at least 2 clips, these videos give 1.*meaningless"):
         evaluate_pairs([_pair(frames=8)], EvalSettings(metrics=("FVD",), **SMALL), networks=networks)
     with pytest.raises(ValueError, match=r"values in 0..1, got 0..255.*divided by 255"):
         image_to_uint8(torch.linspace(0, 255, 384).reshape(2, 8, 8, 3), "generated")

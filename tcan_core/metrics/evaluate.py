@@ -138,6 +138,13 @@ def _check_clips(pairs: Sequence[VideoPair], settings: EvalSettings, metric: str
             raise ValueError(
                 f"{metric} needs clips of {settings.clip_length} frames, but the video {p.name!r} has only "
                 f"{p.target.shape[0]}; give longer videos, lower the clip length, or leave {metric} out")
+    clips = sum(len(clip_starts(p.target.shape[0], settings.clip_length, settings.clip_stride)) for p in pairs)
+    if settings.clip_pool == "clip" and clips < 2:
+        raise ValueError(
+            f"{metric} needs at least 2 clips, these videos give {clips} (clips of {settings.clip_length} frames "
+            f"every {settings.clip_stride}): the Frechet distance compares the mean and covariance of two sets, and "
+            "one clip has no covariance, so the number would be meaningless. Give longer or more videos, lower the "
+            f"clip length or stride, or leave {metric} out")
     if settings.clip_pool == "video" and len(pairs) < 2:
         raise ValueError(
             f"{metric} with one feature per video needs at least 2 videos, got {len(pairs)}: the Frechet distance "
@@ -302,7 +309,8 @@ def evaluate_pairs(pairs: Sequence[VideoPair], settings: EvalSettings = EvalSett
 
     for m in PER_FRAME:
         if m in active:
-            result.summary[m] = _mean([result.per_video[p.name][m] for p in pairs])
+            # over all frames of all videos, as DisCo averages its per-image scores
+            result.summary[m] = _mean([v for p in pairs for v in result.per_frame[p.name][m]])
     if "face cosine" in result.summary and result.summary["face cosine"] is not None:
         result.summary["face distance"] = 1.0 - result.summary["face cosine"]
     for m, (gen, tgt) in set_feats.items():

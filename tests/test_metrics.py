@@ -278,8 +278,10 @@ def _write_frames(folder, frames):
         cv2.imwrite(str(folder / f"{i:05d}.png"), np.ascontiguousarray(f[..., ::-1]))
 
 
-def test_evaluate_command_on_folders(tmp_path, capsys):
+def test_evaluate_command_on_folders(tmp_path, capsys, monkeypatch):
     from tcan_core.cli import main
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty hub cache, whatever this machine has
 
     gen, tgt = tmp_path / "gen", tmp_path / "tgt"
     for s, name in enumerate(("clip_a", "clip_b")):
@@ -348,9 +350,10 @@ def test_doctor_lists_the_metric_weights(metric_weights, tmp_path):
     assert "I3D (Kinetics-400)" in text and "pytorch-fid/releases" in text
 
 
-def test_video_metrics_node(pack, metric_weights, tmp_path):
+def test_video_metrics_node(pack, metric_weights, tmp_path, monkeypatch):
     import importlib
 
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty hub cache, whatever this machine has
     from conftest import node, result
 
     _, files = metric_weights

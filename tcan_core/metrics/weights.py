@@ -96,6 +96,7 @@ _DESCRIPTIONS = {"inception": INCEPTION.title, "alexnet": ALEXNET.title, "resnet
 
 
 def describe(kind: str) -> str:
+    """A readable name for a kind :func:`identify` returns."""
     return _DESCRIPTIONS.get(kind, kind)
 
 
@@ -121,6 +122,7 @@ class WeightsSearch:
     hub_dirs: list[str] = field(default_factory=lambda: [str(hub_checkpoint_dir())])
 
     def searched(self) -> str:
+        """The searched folders, for messages."""
         return ", ".join([*self.metrics_dirs, *self.hub_dirs]) or "(no folders)"
 
     def find(self, network: MetricNetwork) -> Path | None:
@@ -143,6 +145,7 @@ class WeightsSearch:
         return None
 
     def missing_reason(self, network: MetricNetwork) -> str:
+        """Why a metric is left out when ``network``'s file is not found: where to put which file, where it is published."""
         return (f"no {network.title} weights: put {' or '.join(network.filenames)} into the tcan/metrics model "
                 f"folder (searched {self.searched()}); published at {network.published}")
 
@@ -183,6 +186,7 @@ class LoadedNetwork:
         self.sha256 = {p: file_sha256(p) for p in self.files.values()}
 
     def settings(self) -> dict:
+        """The network and the SHA-256 of each of its files, for a report's settings."""
         return {"network": self.network.title, "files": dict(self.sha256)}
 
 

@@ -20,6 +20,7 @@ TOPICS = (
     "nodes_model",
     "nodes_sampler",
     "nodes_face",
+    "nodes_metrics",
 )
 
 NODE_CLASS_MAPPINGS: dict = {}

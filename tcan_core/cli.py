@@ -129,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="build the tiny model set and run the whole TCAN graph on the CPU")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the models, previews and report")
     p.set_defaults(func=_demo)
+
+    from .metrics.command import add_evaluate_parser
+
+    add_evaluate_parser(sub)
     return parser
 
 

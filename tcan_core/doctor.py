@@ -55,6 +55,11 @@ def _classify_weights(slot: Slot, path: Path) -> tuple[str, bool]:
         return det.describe(), det.kind == "controlnet" and det.base == SD15
     if path.is_dir():
         return "a folder", False
+    if slot.kind == "metrics":
+        from .metrics.weights import describe, identify
+
+        kind = identify(read_shapes(path))
+        return describe(kind), kind == slot.key[len("metrics_"):]
     if path.suffix.lower() == ".onnx":
         return "an ONNX model (its role is read when the node loads it)", True
     shapes = read_shapes(path)

@@ -29,6 +29,7 @@ FOLDERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "insightface": (("insightface",), ONNX_EXTENSIONS),
     "clip_vision": (("clip_vision",), WEIGHT_EXTENSIONS),
     "ipadapter": (("ipadapter",), WEIGHT_EXTENSIONS),
+    "tcan_metrics": (("tcan/metrics",), WEIGHT_EXTENSIONS),
 }
 
 # Folders comfyui_controlnet_aux downloads its annotators into, relative to the models root's
@@ -114,6 +115,19 @@ SLOTS: tuple[Slot, ...] = (
         "https://huggingface.co/ID-Animator/ID-Animator, https://huggingface.co/h94/IP-Adapter-FaceID",
         "files", required=False, extra_folders=("ipadapter",),
     ),
+    # The evaluation metrics' feature networks (tcan_core.metrics.weights names the same files; a metric
+    # whose file is missing is left out of the evaluation). Also read from the torch hub cache.
+    *(Slot(f"metrics_{key}", f"{title} for {metric} (optional, evaluation only)", "tcan_metrics", names, url,
+           "metrics", required=False)
+      for key, title, metric, names, url in (
+          ("inception", "Inception-v3 (pytorch-fid)", "FID", ("pt_inception-2015-12-05-6726825d.pth",),
+           "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"),
+          ("alexnet", "AlexNet (torchvision)", "LPIPS", ("alexnet-owt-7be5be79.pth",),
+           "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"),
+          ("resnet3d50", "3D ResNet-50 (Kinetics)", "FID-VID", ("resnet-50-kinetics.pth", "r3d50_K_200ep.pth"),
+           "https://github.com/kenshohara/3D-ResNets-PyTorch"),
+          ("i3d", "I3D (Kinetics-400)", "FVD", ("i3d_pretrained_400.pt",), "https://github.com/wilson1yan/VideoGPT"),
+      )),
 )
 
 

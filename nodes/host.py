@@ -9,8 +9,12 @@ line's ``--models DIR``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from dataclasses import dataclass
+from typing import Iterator
+
 import torch
 
 from tcan_core.model_folders import (
@@ -209,3 +213,92 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# TCAN models built from ComfyUI's MODEL -------------------------------------------------------
+
+COMFY_MODEL_PATCH = "comfy_model"
+
+
+@dataclass(frozen=True, eq=False)
+class ComfyModelWeights:
+    """The patch a TCAN model from ComfyUI's MODEL carries: that MODEL (a clone, ComfyUI's clone semantics)
+    and the map from each diffusers UNet parameter to its ``diffusion_model.`` key.
+
+    The TCAN UNet is empty between calls; :func:`model_weights_loaded` binds the MODEL's weights into
+    it for one sampling call, loaded and patched by ComfyUI itself.
+    """
+
+    patcher: object
+    key_map: dict
+    key: str = COMFY_MODEL_PATCH
+
+    @contextlib.contextmanager
+    def applied(self, model, run) -> Iterator[None]:
+        from tcan_core.animation.shared_unet import require_bound
+
+        require_bound(model.unet, "TCAN model from MODEL")
+        yield
+
+    @contextlib.contextmanager
+    def loaded(self, unet: torch.nn.Module) -> Iterator[None]:
+        """ComfyUI loads the MODEL (whole, on its device) and applies its weight patches (LoRA loaders,
+        merges) with ModelPatcher's own code; ``unet`` runs on those very tensors for the block. After
+        it the patches are taken out again and the weights go back to ComfyUI's offload device."""
+        from tcan_core.animation.shared_unet import unet_weights_bound
+
+        patcher = self.patcher
+        try:
+            # A diffusers UNet cannot run ComfyUI's low-VRAM partial loads, so the MODEL is loaded whole.
+            _mm.load_models_gpu([patcher], force_full_load=True)
+            base = patcher.model
+            with unet_weights_bound(unet, self.key_map,
+                                    lambda key: _comfy_utils.get_attr(base, "diffusion_model." + key),
+                                    getattr(base, "manual_cast_dtype", None)):
+                yield
+        finally:
+            patcher.unpatch_model(device_to=patcher.offload_device)
+
+
+def comfy_model_dtype(model) -> torch.dtype:
+    """The dtype a ComfyUI MODEL's UNet computes in: its manual-cast dtype, else its weight dtype
+    (float32 for weight dtypes torch cannot compute in, such as float8)."""
+    base = model.model
+    dtype = getattr(base, "manual_cast_dtype", None) or base.get_dtype()
+    return dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+
+
+def tcan_model_from_comfy(model, appearance: str | None = None):
+    """ComfyUI MODEL (+ optional appearance UNet file) -> (TCAN_MODEL sharing the MODEL's UNet weights, report).
+
+    The MODEL is cloned (it is never changed); nothing of its weights is copied.
+    """
+    from tcan_core.animation.shared_unet import tcan_model_sharing_unet
+
+    if not IN_COMFYUI or not hasattr(model, "clone") or not hasattr(model, "model_state_dict"):
+        raise ValueError(f"model must be ComfyUI's MODEL (a ModelPatcher, e.g. Load Checkpoint's MODEL output), "
+                         f"got {type(model).__name__}")
+    patcher = model.clone()
+    prefix = "diffusion_model."
+    weights = {k[len(prefix):]: v for k, v in patcher.model_state_dict(prefix).items()}
+    name = f"ComfyUI MODEL ({type(patcher.model).__name__})"
+    tcan, key_map, report = tcan_model_sharing_unet({k: tuple(v.shape) for k, v in weights.items()},
+                                                    comfy_model_dtype(patcher), name, base_weights=weights,
+                                                    appearance=appearance)
+    del weights
+    patches = sum(1 for k in patcher.patches if k.startswith(prefix))
+    if patches:
+        report += f" {patches} UNet weight(s) carry ComfyUI patches (LoRA, merges), applied by ComfyUI at sampling."
+    return tcan.with_patch(ComfyModelWeights(patcher, key_map)), report
+
+
+@contextlib.contextmanager
+def model_weights_loaded(tcan_model) -> Iterator[None]:
+    """For one sampling call: the weights of a TCAN model from ComfyUI's MODEL bound and patched (no-op for
+    a TCAN model loaded from files)."""
+    patch = tcan_model.patch(COMFY_MODEL_PATCH)
+    if patch is None:
+        yield
+        return
+    with patch.loaded(tcan_model.unet):
+        yield

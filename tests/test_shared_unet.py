@@ -95,3 +95,16 @@ def test_weights_of_another_architecture_name_the_keys(host_weights):
     shapes["input_blocks.1.1.extra_layer.weight"] = (4, 4)
     with pytest.raises(ModelFormatError, match="do not fit an SD1.5 UNet.*unexpected.*extra_layer"):
         tcan_model_sharing_unet(shapes, torch.float32, "ComfyUI MODEL")
+
+
+def test_an_sdxl_or_inpainting_unet_is_refused_with_what_it_is(host_weights):
+    from tcan_core.models.errors import ModelFormatError, WrongBaseModelError
+
+    shapes = {k: tuple(v.shape) for k, v in host_weights.items()}
+    wide = {k: (s[:1] + (2048,) if k.endswith("attn2.to_k.weight") else s) for k, s in shapes.items()}
+    with pytest.raises(WrongBaseModelError, match="SDXL checkpoint.*SD1.5 checkpoint"):
+        tcan_model_sharing_unet(wide, torch.float32, "ComfyUI MODEL")
+    conv_in = shapes["input_blocks.0.0.weight"]
+    inpaint = {**shapes, "input_blocks.0.0.weight": (conv_in[0], 9, *conv_in[2:])}
+    with pytest.raises(ModelFormatError, match="9-channel SD1.5 UNet"):
+        tcan_model_sharing_unet(inpaint, torch.float32, "ComfyUI MODEL")

@@ -39,6 +39,7 @@ def tcan_model_sharing_unet(shapes: Shapes, dtype: torch.dtype, source: str,
     """
     from ..models.tcan_ckpt import load_appearance_unet
 
+    _require_sd15_unet(shapes, source)
     cfg, key_map = ldm_unet_layout(shapes, prefix="", source=source)
     unet = torch.nn.Module.to(empty_unet(cfg), dtype=dtype)
     problems = fit_problems({k: shapes[v] for k, v in key_map.items()}, shapes_of(unet.state_dict()), "SD1.5 UNet")
@@ -57,6 +58,20 @@ def tcan_model_sharing_unet(shapes: Shapes, dtype: torch.dtype, source: str,
         lines.append("Training-free: the base UNet also serves as the appearance UNet.")
     model = TCANModel(unet=unet, vae=None, text_encoder=None, source=source, appearance_unet=appearance_unet)
     return model, key_map, " ".join(lines)
+
+
+def _require_sd15_unet(shapes: Shapes, source: str) -> None:
+    """A clear error unless ``shapes`` are an SD1.5 text-to-image UNet's (LDM keys without prefix)."""
+    from ..models.detect import Detection, _base_from_unet, require_sd15
+
+    if "input_blocks.0.0.weight" not in shapes or "out.2.weight" not in shapes:
+        raise ModelFormatError(f"{source} is not a Stable Diffusion UNet (no input_blocks/out layers; keys such as "
+                               f"{', '.join(sorted(shapes)[:3])}); connect the MODEL of an SD1.5 checkpoint")
+    require_sd15(Detection("checkpoint", _base_from_unet(shapes, ""), source), "checkpoint", source)
+    in_ch = int(shapes["input_blocks.0.0.weight"][1])
+    if in_ch != 4:
+        raise ModelFormatError(f"{source} is a {in_ch}-channel SD1.5 UNet (inpainting or instruct-pix2pix); TCAN "
+                               "needs a regular text-to-image SD1.5 model with 4 input channels")
 
 
 @contextlib.contextmanager

@@ -302,3 +302,57 @@ def model_weights_loaded(tcan_model) -> Iterator[None]:
         return
     with patch.loaded(tcan_model.unet):
         yield
+
+
+# The pack's caches under ComfyUI's memory management ------------------------------------------
+
+def _pack_caches() -> dict:
+    """name -> (bytes held now, release function) for each cache the pack keeps between runs."""
+    from tcan_core.face import analysis, clip_vision
+    from tcan_core.pose import extract
+
+    return {
+        "CLIP image encoder": (clip_vision.clip_vision_cache_bytes(), clip_vision.clear_clip_vision_cache),
+        "face analysis sessions": (analysis.analyzer_cache_bytes(), analysis.clear_analyzer_cache),
+        "pose detector": (extract.backend_cache_bytes(), extract.clear_backend_cache),
+    }
+
+
+_registered_caches: dict[str, object] = {}
+# Patchers ComfyUI has unloaded: kept until the next registration, because dropping the last reference
+# inside ComfyUI's unload would run its cleanup while free_memory is still walking its list.
+_released_caches: list[object] = []
+
+
+def register_pack_caches() -> list[str]:
+    """Put each filled cache of the pack (CLIP image encoder, face and pose sessions) under ComfyUI's model
+    management, so that its free memory and "Unload models" release it like one of its own models.
+
+    Each cache gets a ModelPatcher of its size around an empty module, loaded with ``load_models_gpu``;
+    when ComfyUI unloads it (to make room, or on Unload models) its detach callback drops the cache.
+    Outside ComfyUI nothing is registered. Returns the names registered by this call.
+    """
+    if not IN_COMFYUI:
+        return []
+    import comfy.model_patcher as mp
+
+    _released_caches.clear()
+    added = []
+    for name, (size, release) in _pack_caches().items():
+        if size <= 0 or name in _registered_caches:
+            continue
+        patcher = mp.ModelPatcher(torch.nn.Module(), load_device=torch_device(), offload_device=offload_device(),
+                                  size=size)
+
+        def on_detach(_patcher, _unpatch_all, name=name, release=release) -> None:
+            held = _registered_caches.pop(name, None)
+            if held is not None:
+                _released_caches.append(held)
+                release()
+                log.info("ComfyUI-TCAN: %s released by ComfyUI's model management", name)
+
+        patcher.add_callback(mp.CallbacksMP.ON_DETACH, on_detach)
+        _registered_caches[name] = patcher
+        _mm.load_models_gpu([patcher])
+        added.append(name)
+    return added

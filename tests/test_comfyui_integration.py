@@ -548,3 +548,45 @@ def test_model_path_matches_the_file_path_and_core_lora_matches_appa_lora(comfyu
         f"core LoRA and APPA LoRA frames differ by {(via_core_lora - via_appa_lora).abs().max():.3g}"
     state = json.loads((comfyui.base / "output" / "tcan_test" / "loader_model.json").read_text())
     assert state["patches"] == 0 and not state["differ"] and state["checked"] > 0, state
+
+
+CACHE_SCRIPT = '''
+import importlib, sys, torch
+sys.path[:0] = [{comfy!r}, {root!r}, {tests!r}]
+import comfy.options
+comfy.options.enable_args_parsing(False)
+from comfy.cli_args import args
+args.cpu = True
+import comfy.model_management as mm
+from conftest import load_pack
+host = importlib.import_module(load_pack().__name__ + ".nodes.host")
+from tcan_core.face import analysis, clip_vision
+from tcan_core.pose import extract
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                         num_attention_heads=2, image_size=32, patch_size=8))
+clip_vision._CACHE[("encoder.safetensors", 0, torch.float32)] = encoder
+extract._cache[("dwpose", ({model!r},), (0,), "cpu")] = object()
+analysis._ANALYZERS[("pack", ("cpu",), (("det.onnx", 0, 1000),))] = object()
+names = host.register_pack_caches()
+assert sorted(names) == ["CLIP image encoder", "face analysis sessions", "pose detector"], names
+assert host.register_pack_caches() == [], "registered twice"
+assert len(mm.current_loaded_models) == 3, mm.current_loaded_models
+mm.unload_all_models()
+assert not clip_vision._CACHE and not extract._cache and not analysis._ANALYZERS, "a cache survived Unload models"
+assert not mm.current_loaded_models
+print("released")
+'''
+
+
+def test_pack_caches_are_released_by_comfyuis_unload_models(tmp_path):
+    """The CLIP image encoder, face and pose caches, registered with ComfyUI's model management, are dropped
+    when ComfyUI unloads its models (what its Unload models button and free_memory do)."""
+    model = tmp_path / "pose.onnx"
+    model.write_bytes(b"0" * 4096)
+    script = CACHE_SCRIPT.format(comfy=str(Path(COMFYUI).resolve()), root=str(ROOT), tests=str(ROOT / "tests"),
+                                 model=str(model))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert done.returncode == 0 and "released" in done.stdout, done.stderr[-4000:]

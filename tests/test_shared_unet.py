@@ -108,3 +108,30 @@ def test_an_sdxl_or_inpainting_unet_is_refused_with_what_it_is(host_weights):
     inpaint = {**shapes, "input_blocks.0.0.weight": (conv_in[0], 9, *conv_in[2:])}
     with pytest.raises(ModelFormatError, match="9-channel SD1.5 UNet"):
         tcan_model_sharing_unet(inpaint, torch.float32, "ComfyUI MODEL")
+
+
+class _NaNUNet(torch.nn.Module):
+    """Any UNet call returns NaN: what an overflow or a corrupt weight file gives."""
+
+    def __init__(self, unet, dtype):
+        super().__init__()
+        self.config = unet.config
+        self.weight = torch.nn.Parameter(torch.zeros(1, dtype=dtype), requires_grad=False)
+
+    def forward(self, sample, *args, **kwargs):
+        return (torch.full_like(sample, float("nan")),)
+
+
+@pytest.mark.parametrize("dtype, advice", [
+    (torch.float32, "float32 does not overflow here.*corrupt"),
+    (torch.float16, "run the UNet in float32 or bfloat16"),
+    (torch.bfloat16, r"run the UNet in float32 \(ComfyUI: --fp32-unet\)"),
+])
+def test_nan_latents_advice_fits_the_unet_dtype(tiny_parts, dtype, advice):
+    from tcan_core.animation.model import TCANModel
+
+    model = TCANModel(_NaNUNet(tiny_parts["unet"], dtype), None, None, "nan")
+    context = tiny_parts["context"].to(dtype)
+    with pytest.raises(FloatingPointError, match=f"model dtype {dtype}\\); {advice}"):
+        sample_animation(model, None, pose_images(1), context, context, DiffusersVAE(tiny_parts["vae"]),
+                         SamplerSettings(width=64, height=64, steps=1, context_length=1, context_overlap=0))

@@ -289,6 +289,12 @@ def tcan_model_from_comfy(model, appearance: str | None = None):
     patches = sum(1 for k in patcher.patches if k.startswith(prefix))
     if patches:
         report += f" {patches} UNet weight(s) carry ComfyUI patches (LoRA, merges), applied by ComfyUI at sampling."
+    other = len(patcher.object_patches) + len(patcher.model_options.get("transformer_options", {}).get("patches", {})) \
+        + len(patcher.model_options.get("transformer_options", {}).get("patches_replace", {}))
+    if other:
+        log.warning("TCAN Model from MODEL: %d non-weight patch(es) on the MODEL are not used", other)
+        report += (f" {other} non-weight patch(es) of the MODEL (attention replacements, object patches, e.g. "
+                   "IPAdapter or FreeU) do not reach the TCAN UNet; only weight patches do.")
     return tcan.with_patch(ComfyModelWeights(patcher, key_map)), report
 
 

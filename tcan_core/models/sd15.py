@@ -24,7 +24,6 @@ from .state_dict import (
     LazyTensors,
     Shapes,
     assign_streamed,
-    bind_tensors,
     load_state_dict_file,
     load_strict,
     read_shapes,

@@ -135,3 +135,16 @@ def test_nan_latents_advice_fits_the_unet_dtype(tiny_parts, dtype, advice):
     with pytest.raises(FloatingPointError, match=f"model dtype {dtype}\\); {advice}"):
         sample_animation(model, None, pose_images(1), context, context, DiffusersVAE(tiny_parts["vae"]),
                          SamplerSettings(width=64, height=64, steps=1, context_length=1, context_overlap=0))
+
+
+def test_lazy_reads_give_safetensors_own_tensors_and_shapes_without_reading(tiny_tree, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = tiny_tree.files["sd15_safetensors"]
+    lazy, full = LazyTensors(path), load_file(str(path))
+    assert lazy.shapes == {k: tuple(v.shape) for k, v in full.items()}
+    assert all(torch.equal(lazy[k], full[k]) and lazy[k].dtype == full[k].dtype for k in full)
+    mixed = {"bf16": torch.randn(3, 5).to(torch.bfloat16), "i64": torch.arange(7), "f16": torch.randn(2, 2).half()}
+    save_file(mixed, str(tmp_path / "mixed.safetensors"))
+    again = LazyTensors(tmp_path / "mixed.safetensors")
+    assert all(torch.equal(again[k], v) and again[k].dtype == v.dtype for k, v in mixed.items())

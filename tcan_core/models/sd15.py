@@ -222,21 +222,6 @@ def empty_unet(config: Mapping) -> torch.nn.Module:
     return _empty(lambda: UNet2DConditionModel.from_config(dict(config))).eval().requires_grad_(False)
 
 
-def unet_sharing(weights: Mapping[str, torch.Tensor], prefix: str = "", source: str = "MODEL"
-                 ) -> tuple[torch.nn.Module, dict[str, str]]:
-    """LDM UNet tensors (keys under ``prefix``) -> (diffusers UNet whose parameters are those very tensors,
-    diffusers key -> LDM key). Nothing is copied: dtype, device and storage stay the source's."""
-    shapes = {k: tuple(v.shape) for k, v in weights.items() if k.startswith(prefix)}
-    cfg, key_map = ldm_unet_layout(shapes, prefix, source)
-    unet = empty_unet(cfg)
-    assign_streamed(unet, weights, key_map, "SD1.5 UNet", source, dtype=None, device=_device_of(weights))
-    return unet, key_map
-
-
-def _device_of(weights: Mapping[str, torch.Tensor]) -> torch.device:
-    return next(iter(weights.values())).device
-
-
 def load_sd15_single_file(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                           device: str | torch.device = "cpu", unet_only: bool = False) -> SD15Components:
     """An SD1.5 ``.safetensors``/``.ckpt`` with LDM key names -> diffusers UNet, VAE and CLIP text model.

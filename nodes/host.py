@@ -254,18 +254,22 @@ class ComfyModelWeights:
             base = patcher.model
             with unet_weights_bound(unet, self.key_map,
                                     lambda key: _comfy_utils.get_attr(base, "diffusion_model." + key),
-                                    getattr(base, "manual_cast_dtype", None)):
+                                    comfy_model_dtype(patcher)):
                 yield
         finally:
             patcher.unpatch_model(device_to=patcher.offload_device)
 
 
 def comfy_model_dtype(model) -> torch.dtype:
-    """The dtype a ComfyUI MODEL's UNet computes in: its manual-cast dtype, else its weight dtype
-    (float32 for weight dtypes torch cannot compute in, such as float8)."""
+    """The dtype the TCAN UNet runs a ComfyUI MODEL's weights in: their own dtype when torch computes in it
+    (float32/float16/bfloat16: no copy), else ComfyUI's manual-cast dtype (float8 weights: a cast copy for
+    the call). ComfyUI's manual cast of float16 weights to float32 on CPUs and old GPUs is not followed: it
+    would hold a second, float32 copy of the UNet for every call."""
     base = model.model
-    dtype = getattr(base, "manual_cast_dtype", None) or base.get_dtype()
-    return dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+    dtype = base.get_dtype()
+    if dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return dtype
+    return getattr(base, "manual_cast_dtype", None) or torch.float32
 
 
 def tcan_model_from_comfy(model, appearance: str | None = None):

@@ -18,6 +18,7 @@ TOPICS = (
     "nodes_pose",
     "nodes_tpc",
     "nodes_model",
+    "nodes_comfy_model",
     "nodes_sampler",
     "nodes_face",
     "nodes_metrics",

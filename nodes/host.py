@@ -9,8 +9,12 @@ line's ``--models DIR``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from dataclasses import dataclass
+from typing import Iterator
+
 import torch
 
 from tcan_core.model_folders import (
@@ -209,3 +213,156 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# TCAN models built from ComfyUI's MODEL -------------------------------------------------------
+
+COMFY_MODEL_PATCH = "comfy_model"
+
+
+@dataclass(frozen=True, eq=False)
+class ComfyModelWeights:
+    """The patch a TCAN model from ComfyUI's MODEL carries: that MODEL (a clone, ComfyUI's clone semantics)
+    and the map from each diffusers UNet parameter to its ``diffusion_model.`` key.
+
+    The TCAN UNet is empty between calls; :func:`model_weights_loaded` binds the MODEL's weights into
+    it for one sampling call, loaded and patched by ComfyUI itself.
+    """
+
+    patcher: object
+    key_map: dict
+    key: str = COMFY_MODEL_PATCH
+
+    @contextlib.contextmanager
+    def applied(self, model, run) -> Iterator[None]:
+        from tcan_core.animation.shared_unet import require_bound
+
+        require_bound(model.unet, "TCAN model from MODEL")
+        yield
+
+    @contextlib.contextmanager
+    def loaded(self, unet: torch.nn.Module) -> Iterator[None]:
+        """ComfyUI loads the MODEL (whole, on its device) and applies its weight patches (LoRA loaders,
+        merges) with ModelPatcher's own code; ``unet`` runs on those very tensors for the block. After
+        it the patches are taken out again and the weights go back to ComfyUI's offload device."""
+        from tcan_core.animation.shared_unet import unet_weights_bound
+
+        patcher = self.patcher
+        try:
+            # A diffusers UNet cannot run ComfyUI's low-VRAM partial loads, so the MODEL is loaded whole.
+            _mm.load_models_gpu([patcher], force_full_load=True)
+            base = patcher.model
+            with unet_weights_bound(unet, self.key_map,
+                                    lambda key: _comfy_utils.get_attr(base, "diffusion_model." + key),
+                                    comfy_model_dtype(patcher)):
+                yield
+        finally:
+            patcher.unpatch_model(device_to=patcher.offload_device)
+
+
+def comfy_model_dtype(model) -> torch.dtype:
+    """The dtype the TCAN UNet runs a ComfyUI MODEL's weights in: their own dtype when torch computes in it
+    (float32/float16/bfloat16: no copy), else ComfyUI's manual-cast dtype (float8 weights: a cast copy for
+    the call). ComfyUI's manual cast of float16 weights to float32 on CPUs and old GPUs is not followed: it
+    would hold a second, float32 copy of the UNet for every call."""
+    base = model.model
+    dtype = base.get_dtype()
+    if dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return dtype
+    return getattr(base, "manual_cast_dtype", None) or torch.float32
+
+
+def tcan_model_from_comfy(model, appearance: str | None = None):
+    """ComfyUI MODEL (+ optional appearance UNet file) -> (TCAN_MODEL sharing the MODEL's UNet weights, report).
+
+    The MODEL is cloned (it is never changed); nothing of its weights is copied.
+    """
+    from tcan_core.animation.shared_unet import tcan_model_sharing_unet
+
+    if not IN_COMFYUI or not hasattr(model, "clone") or not hasattr(model, "model_state_dict"):
+        raise ValueError(f"model must be ComfyUI's MODEL (a ModelPatcher, e.g. Load Checkpoint's MODEL output), "
+                         f"got {type(model).__name__}")
+    patcher = model.clone()
+    prefix = "diffusion_model."
+    weights = {k[len(prefix):]: v for k, v in patcher.model_state_dict(prefix).items()}
+    name = f"ComfyUI MODEL ({type(patcher.model).__name__})"
+    tcan, key_map, report = tcan_model_sharing_unet({k: tuple(v.shape) for k, v in weights.items()},
+                                                    comfy_model_dtype(patcher), name, base_weights=weights,
+                                                    appearance=appearance)
+    del weights
+    patches = sum(1 for k in patcher.patches if k.startswith(prefix))
+    if patches:
+        report += f" {patches} UNet weight(s) carry ComfyUI patches (LoRA, merges), applied by ComfyUI at sampling."
+    other = len(patcher.object_patches) + len(patcher.model_options.get("transformer_options", {}).get("patches", {})) \
+        + len(patcher.model_options.get("transformer_options", {}).get("patches_replace", {}))
+    if other:
+        log.warning("TCAN Model from MODEL: %d non-weight patch(es) on the MODEL are not used", other)
+        report += (f" {other} non-weight patch(es) of the MODEL (attention replacements, object patches, e.g. "
+                   "IPAdapter or FreeU) do not reach the TCAN UNet; only weight patches do.")
+    return tcan.with_patch(ComfyModelWeights(patcher, key_map)), report
+
+
+@contextlib.contextmanager
+def model_weights_loaded(tcan_model) -> Iterator[None]:
+    """For one sampling call: the weights of a TCAN model from ComfyUI's MODEL bound and patched (no-op for
+    a TCAN model loaded from files)."""
+    patch = tcan_model.patch(COMFY_MODEL_PATCH)
+    if patch is None:
+        yield
+        return
+    with patch.loaded(tcan_model.unet):
+        yield
+
+
+# The pack's caches under ComfyUI's memory management ------------------------------------------
+
+def _pack_caches() -> dict:
+    """name -> (bytes held now, release function) for each cache the pack keeps between runs."""
+    from tcan_core.face import analysis, clip_vision
+    from tcan_core.pose import extract
+
+    return {
+        "CLIP image encoder": (clip_vision.clip_vision_cache_bytes(), clip_vision.clear_clip_vision_cache),
+        "face analysis sessions": (analysis.analyzer_cache_bytes(), analysis.clear_analyzer_cache),
+        "pose detector": (extract.backend_cache_bytes(), extract.clear_backend_cache),
+    }
+
+
+_registered_caches: dict[str, object] = {}
+# Patchers ComfyUI has unloaded: kept until the next registration, because dropping the last reference
+# inside ComfyUI's unload would run its cleanup while free_memory is still walking its list.
+_released_caches: list[object] = []
+
+
+def register_pack_caches() -> list[str]:
+    """Put each filled cache of the pack (CLIP image encoder, face and pose sessions) under ComfyUI's model
+    management, so that its free memory and "Unload models" release it like one of its own models.
+
+    Each cache gets a ModelPatcher of its size around an empty module, loaded with ``load_models_gpu``;
+    when ComfyUI unloads it (to make room, or on Unload models) its detach callback drops the cache.
+    Outside ComfyUI nothing is registered. Returns the names registered by this call.
+    """
+    if not IN_COMFYUI:
+        return []
+    import comfy.model_patcher as mp
+
+    _released_caches.clear()
+    added = []
+    for name, (size, release) in _pack_caches().items():
+        if size <= 0 or name in _registered_caches:
+            continue
+        patcher = mp.ModelPatcher(torch.nn.Module(), load_device=torch_device(), offload_device=offload_device(),
+                                  size=size)
+
+        def on_detach(_patcher, _unpatch_all, name=name, release=release) -> None:
+            held = _registered_caches.pop(name, None)
+            if held is not None:
+                _released_caches.append(held)
+                release()
+                log.info("ComfyUI-TCAN: %s released by ComfyUI's model management", name)
+
+        patcher.add_callback(mp.CallbacksMP.ON_DETACH, on_detach)
+        _registered_caches[name] = patcher
+        _mm.load_models_gpu([patcher])
+        added.append(name)
+    return added

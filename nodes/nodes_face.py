@@ -49,7 +49,9 @@ def face_packs() -> list[str]:
 def load_analyzer(face_pack: str):
     analysis = _analysis()
     pack = analysis.resolve_face_pack(host.folder_paths_for("insightface"), face_pack)
-    return analysis, analysis.FaceAnalyzer.load(pack)
+    analyzer = analysis.FaceAnalyzer.load(pack)
+    host.register_pack_caches()
+    return analysis, analyzer
 
 
 def _pack_widget() -> tuple:
@@ -135,6 +137,7 @@ class TCANFaceID:
         encoder = None if clip_vision_name == NONE else host.model_path("clip_vision", clip_vision_name)
         model, report = build.add_face_id(tcan_model, host.model_path(folder, name), face, encoder, scale,
                                           lora_strength, device=host.torch_device())
+        host.register_pack_caches()
         return with_report(report, (model,))
 
 

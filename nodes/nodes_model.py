@@ -27,9 +27,10 @@ MODEL_TOOLTIP = "The TCAN model (TCAN Load Model, then any of the TCAN patch nod
 
 class TCANLoadModel:
     DESCRIPTION = (
-        "Loads the SD1.5 UNet of a checkpoint as a TCAN model. Use ComfyUI's Load Checkpoint for its CLIP "
-        "(prompts) and VAE. Optional: an appearance UNet trained with TCAN (models/tcan); without one the "
-        "base UNet's weights also serve as the appearance UNet (training-free mode)."
+        "Loads the SD1.5 UNet of a checkpoint file as a TCAN model. In a graph with Load Checkpoint, use TCAN "
+        "Model from MODEL instead: it shares that MODEL's weights (one copy in memory) and sees its LoRAs. "
+        "Optional: an appearance UNet trained with TCAN (models/tcan); without one the base UNet's weights also "
+        "serve as the appearance UNet (training-free mode)."
     )
     CATEGORY = MODEL_CATEGORY
     FUNCTION = "load"

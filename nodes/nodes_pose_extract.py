@@ -72,6 +72,7 @@ class TCANPoseExtract:
             require(BACKEND_PACKAGES[backend], NODE_NAME)
         estimator = extract.load_backend(backend, host.folder_paths_for("tcan_pose"),
                                          device=str(host.torch_device()), hands=hands, face=face)
+        host.register_pack_caches()
         with host.Progress(len(frames), NODE_NAME) as bar:
             result = extract.extract_poses(
                 frames, estimator, person=person, index=person_index, body=body, hands=hands,

@@ -111,12 +111,13 @@ def window_count(frames: int, settings: SamplerSettings) -> int:
 
 
 def run_sampling(tcan_model, total: int, name: str, call):
-    """``call(device, progress)`` with room made on the device for the model, a progress bar of ``total``
-    updates, and the device cache emptied afterwards (also on error or Cancel)."""
+    """``call(device, progress)`` with room made on the device for the model, the weights of a model from
+    ComfyUI's MODEL loaded by ComfyUI for the call, a progress bar of ``total`` updates, and the device cache
+    emptied afterwards (also on error or Cancel)."""
     device = host.torch_device()
     host.free_memory(_weights_bytes(tcan_model) * 2, device)
     try:
-        with host.Progress(total, name) as bar:
+        with host.model_weights_loaded(tcan_model), host.Progress(total, name) as bar:
             return call(device, bar.update)
     finally:
         host.soft_empty_cache()

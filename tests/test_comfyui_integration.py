@@ -17,9 +17,16 @@ skipped, model widgets pointed at the tiny files):
   would not load into the fixed SD1.5 CLIP-L (768) and VAE (128/256/512/512) either (size
   mismatches). The test checks that this, and only this, is what stops them;
 - so they also run to success with that one node swapped for a test-only loader (written into
-  the test's custom_nodes) that builds ComfyUI's own CLIP and VAE classes with the tiny widths.
-  Everything else is the workflow as shipped: the real CLIPTextEncode and ComfyUI VAE objects,
+  the test's custom_nodes) that builds ComfyUI's own model, CLIP and VAE classes with the tiny
+  widths: a real ModelPatcher around comfy's BaseModel (unet_config read from the file with
+  comfy's own detect_unet_config), SD1 CLIP and AutoencoderKL. Everything else is the workflow as
+  shipped: the MODEL into TCAN Model from MODEL, the real CLIPTextEncode and ComfyUI VAE objects,
   every TCAN node, CreateVideo and SaveVideo; the test checks the saved video's frames and size.
+
+The MODEL path is checked against the file path on the training-free graph, with the frames saved
+exactly by a test-only node: TCAN Model from MODEL gives the frames TCAN Load Model gives; a LoRA
+applied by core LoraLoaderModelOnly changes them exactly as TCAN APPA LoRA does with the same file
+and strength; the loader's MODEL is unchanged afterwards (no patches, weights equal to the file).
 """
 
 from __future__ import annotations
@@ -65,6 +72,7 @@ TINY_FILES = {
     ("CheckpointLoaderSimple", "ckpt_name"): "tiny_sd15.safetensors",
     ("TCANLoadModel", "ckpt_name"): "tiny_sd15.safetensors",
     ("TCANLoadModel", "appearance_unet"): "[AppearanceEncoder]_tiny.ckpt",
+    ("TCANModelFromMODEL", "appearance_unet"): "[AppearanceEncoder]_tiny.ckpt",
     ("TCANMotionModule", "motion_module"): "tiny_mm_v2.ckpt",
     ("TCANMotionModule", "tcan_unet"): "[UNet]_stage2_tiny.ckpt",
     ("TCANAppaLora", "lora_name"): "tiny_appa_peft.safetensors",
@@ -72,18 +80,26 @@ TINY_FILES = {
     ("TCANTemporalControlNet", "temporal_layers"): "[ControlNetT]_tiny.ckpt",
 }
 
-# A test-only ComfyUI node, written into the test's custom_nodes folder: CheckpointLoaderSimple for
-# the tiny SD1.5 checkpoint. It builds ComfyUI's own CLIP (SD1 tokenizer, SDClipModel) and VAE
-# (AutoencoderKL) classes with the tiny models' widths, read from the configs the tiny models were
-# built from, and loads the checkpoint's weights into them; there is no MODEL (no graph uses it).
+# Test-only ComfyUI nodes, written into the test's custom_nodes folder. CheckpointLoaderSimple for the
+# tiny SD1.5 checkpoint: ComfyUI's own SD15 model config with the unet_config comfy's detect_unet_config
+# reads from the file (only the fixed-table lookup that follows it fails on tiny widths), the BaseModel it
+# builds in a real ModelPatcher, and ComfyUI's CLIP (SD1 tokenizer, SDClipModel) and VAE (AutoencoderKL)
+# classes with the tiny models' widths, read from the configs the tiny models were built from. Two
+# recorders: the frames exactly (torch.save) and whether a MODEL still equals the checkpoint file.
 TINY_LOADER_SOURCE = '''
 import functools
 import json
 import os
 import sys
 
+import torch
+
+import comfy.model_detection
+import comfy.model_management
+import comfy.model_patcher
 import comfy.sd
 import comfy.sd1_clip
+import comfy.supported_models
 import comfy.utils
 import folder_paths
 
@@ -128,10 +144,69 @@ class TCANTestTinyCheckpointLoader:
                     "num_res_blocks": vae["layers_per_block"], "attn_resolutions": [], "dropout": 0.0}}
         vae_sd = comfy.utils.state_dict_prefix_replace(sd, {{"first_stage_model.": ""}}, filter_keys=True)
         vae = comfy.sd.VAE(sd=vae_sd, config={{"params": {{"embed_dim": vae["latent_channels"], "ddconfig": ddconfig}}}})
-        return (None, clip, vae)
+        return (tiny_model(sd), clip, vae)
 
 
-NODE_CLASS_MAPPINGS = {{"TCANTestTinyCheckpointLoader": TCANTestTinyCheckpointLoader}}
+def tiny_model(sd):
+    """ComfyUI's MODEL for the tiny SD1.5 UNet: a ModelPatcher around comfy's own BaseModel."""
+    unet_config = comfy.model_detection.detect_unet_config(sd, "model.diffusion_model.")
+    config = comfy.supported_models.SD15(unet_config)
+    config.set_inference_dtype(torch.float32, None)
+    offload = comfy.model_management.unet_offload_device()
+    model = config.get_model(sd, "model.diffusion_model.", device=offload)
+    model.load_model_weights(sd, "model.diffusion_model.")
+    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                           offload_device=offload)
+
+
+def _record(name, value):
+    folder = os.path.join(folder_paths.get_output_directory(), "tcan_test")
+    os.makedirs(folder, exist_ok=True)
+    if isinstance(value, torch.Tensor):
+        torch.save(value.clone(), os.path.join(folder, name + ".pt"))
+    else:
+        with open(os.path.join(folder, name + ".json"), "w") as f:
+            json.dump(value, f)
+
+
+class TCANTestSaveFrames:
+    CATEGORY = "testing"
+    FUNCTION = "save"
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {{"required": {{"images": ("IMAGE",), "name": ("STRING", {{"default": "frames"}})}}}}
+
+    def save(self, images, name):
+        _record(name, images)
+        return {{}}
+
+
+class TCANTestModelUnchanged:
+    CATEGORY = "testing"
+    FUNCTION = "check"
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {{"required": {{"model": ("MODEL",), "after": ("IMAGE",), "name": ("STRING", {{"default": "model"}}),
+                              "ckpt_name": (folder_paths.get_filename_list("checkpoints"),)}}}}
+
+    def check(self, model, after, name, ckpt_name):
+        sd = comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise("checkpoints", ckpt_name))
+        weights = model.model_state_dict("diffusion_model.")
+        differ = [k for k, v in weights.items()
+                  if not torch.equal(v.cpu(), sd["model." + k].to(v.dtype))]
+        _record(name, {{"patches": len(model.patches), "differ": differ[:8], "checked": len(weights)}})
+        return {{}}
+
+
+NODE_CLASS_MAPPINGS = {{"TCANTestTinyCheckpointLoader": TCANTestTinyCheckpointLoader,
+                       "TCANTestSaveFrames": TCANTestSaveFrames,
+                       "TCANTestModelUnchanged": TCANTestModelUnchanged}}
 '''
 
 
@@ -410,3 +485,108 @@ def test_animation_workflow_runs_in_comfyui_with_a_tiny_checkpoint_loader(comfyu
     capture.release()
     assert len(frames) == DRIVING_FRAMES, f"{video.name}: {len(frames)} frames"
     assert frames[0].shape[:2] == TINY_SIZE[::-1], f"{video.name}: {frames[0].shape[1]}x{frames[0].shape[0]}"
+
+
+TRAINING_FREE = ROOT / "workflows" / "tcan_training_free.json"
+CORE_LORA = "tiny_appa_kohya.safetensors"
+LORA_STRENGTH = 0.8
+
+
+def _only(prompt: dict, class_type: str) -> str:
+    ids = [nid for nid, node in prompt.items() if node["class_type"] == class_type]
+    assert len(ids) == 1, (class_type, ids)
+    return ids[0]
+
+
+def _run_frames(comfyui, prompt: dict, name: str):
+    """Run ``prompt`` with the sampler's frames recorded exactly; -> frames [F,H,W,3]."""
+    import torch
+
+    prompt = json.loads(json.dumps(prompt))
+    prompt["save_frames"] = {"class_type": "TCANTestSaveFrames",
+                             "inputs": {"images": [_only(prompt, "TCANSampler"), 0], "name": name}}
+    assert_success(wait(comfyui.url, submit(comfyui.url, prompt), timeout=480))
+    return torch.load(comfyui.base / "output" / "tcan_test" / f"{name}.pt", weights_only=True)
+
+
+def test_model_path_matches_the_file_path_and_core_lora_matches_appa_lora(comfyui):
+    import torch
+
+    base = tiny_prompt(TRAINING_FREE, comfyui.info)
+    loader = _only(base, "CheckpointLoaderSimple")
+    base[loader]["class_type"] = TINY_LOADER
+    from_model = _only(base, "TCANModelFromMODEL")
+    assert base[from_model]["inputs"]["model"] == [loader, 0], "the workflow's TCAN model must come from the MODEL"
+    motion = _only(base, "TCANMotionModule")
+    sampler = _only(base, "TCANSampler")
+
+    via_model = _run_frames(comfyui, base, "model_path")
+
+    file_path = json.loads(json.dumps(base))
+    file_path[from_model] = {"class_type": "TCANLoadModel", "inputs": {
+        "ckpt_name": "tiny_sd15.safetensors", "appearance_unet": base[from_model]["inputs"]["appearance_unet"]}}
+    via_file = _run_frames(comfyui, file_path, "file_path")
+    assert via_model.shape == via_file.shape and torch.equal(via_model, via_file), \
+        f"MODEL path differs from the file path by {(via_model - via_file).abs().max():.3g}"
+
+    core_lora = json.loads(json.dumps(base))
+    core_lora["core_lora"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
+        "model": [loader, 0], "lora_name": CORE_LORA, "strength_model": LORA_STRENGTH}}
+    core_lora[from_model]["inputs"]["model"] = ["core_lora", 0]
+    core_lora["unchanged"] = {"class_type": "TCANTestModelUnchanged", "inputs": {
+        "model": [loader, 0], "after": [sampler, 0], "name": "loader_model", "ckpt_name": "tiny_sd15.safetensors"}}
+    via_core_lora = _run_frames(comfyui, core_lora, "core_lora")
+
+    appa_lora = json.loads(json.dumps(base))
+    appa_lora["appa_lora"] = {"class_type": "TCANAppaLora", "inputs": {
+        "tcan_model": [from_model, 0], "lora_name": CORE_LORA, "strength": LORA_STRENGTH}}
+    appa_lora[motion]["inputs"]["tcan_model"] = ["appa_lora", 0]
+    via_appa_lora = _run_frames(comfyui, appa_lora, "appa_lora")
+
+    assert not torch.equal(via_core_lora, via_model), "core LoraLoaderModelOnly did not reach the TCAN model"
+    assert torch.equal(via_core_lora, via_appa_lora), \
+        f"core LoRA and APPA LoRA frames differ by {(via_core_lora - via_appa_lora).abs().max():.3g}"
+    state = json.loads((comfyui.base / "output" / "tcan_test" / "loader_model.json").read_text())
+    assert state["patches"] == 0 and not state["differ"] and state["checked"] > 0, state
+
+
+CACHE_SCRIPT = '''
+import importlib, sys, torch
+sys.path[:0] = [{comfy!r}, {root!r}, {tests!r}]
+import comfy.options
+comfy.options.enable_args_parsing(False)
+from comfy.cli_args import args
+args.cpu = True
+import comfy.model_management as mm
+from conftest import load_pack
+host = importlib.import_module(load_pack().__name__ + ".nodes.host")
+from tcan_core.face import analysis, clip_vision
+from tcan_core.pose import extract
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                         num_attention_heads=2, image_size=32, patch_size=8))
+clip_vision._CACHE[("encoder.safetensors", 0, torch.float32)] = encoder
+extract._cache[("dwpose", ({model!r},), (0,), "cpu")] = object()
+analysis._ANALYZERS[("pack", ("cpu",), (("det.onnx", 0, 1000),))] = object()
+names = host.register_pack_caches()
+assert sorted(names) == ["CLIP image encoder", "face analysis sessions", "pose detector"], names
+assert host.register_pack_caches() == [], "registered twice"
+assert len(mm.current_loaded_models) == 3, mm.current_loaded_models
+mm.unload_all_models()
+assert not clip_vision._CACHE and not extract._cache and not analysis._ANALYZERS, "a cache survived Unload models"
+assert not mm.current_loaded_models
+print("released")
+'''
+
+
+def test_pack_caches_are_released_by_comfyuis_unload_models(tmp_path):
+    """The CLIP image encoder, face and pose caches, registered with ComfyUI's model management, are dropped
+    when ComfyUI unloads its models (what its Unload models button and free_memory do)."""
+    model = tmp_path / "pose.onnx"
+    model.write_bytes(b"0" * 4096)
+    script = CACHE_SCRIPT.format(comfy=str(Path(COMFYUI).resolve()), root=str(ROOT), tests=str(ROOT / "tests"),
+                                 model=str(model))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert done.returncode == 0 and "released" in done.stdout, done.stderr[-4000:]

@@ -334,9 +334,14 @@ def sample_animation(model: TCANModel, reference: torch.Tensor | None, poses: to
                 bank.clear()
 
         if not bool(torch.isfinite(latents).all()):
+            advice = {torch.float16: "run the UNet in float32 or bfloat16 (ComfyUI: --fp32-unet / --bf16-unet), or "
+                                     "lower cfg",
+                      torch.bfloat16: "run the UNet in float32 (ComfyUI: --fp32-unet), or lower cfg"}.get(
+                dtype, "float32 does not overflow here, so a weight file or input holds NaN/inf or a patch is too "
+                       "strong: lower cfg and the LoRA / ControlNet strengths, and load the checkpoint, LoRA and "
+                       "motion module files again (one may be corrupt)")
             raise FloatingPointError(f"the denoising UNet produced NaN or infinite latents (model dtype {dtype}); "
-                                     "run the UNet in float32 or bfloat16 (ComfyUI: --fp32-unet / --bf16-unet), "
-                                     "or lower cfg")
+                                     f"{advice}")
         # 6. Decode in chunks; frames go to the CPU as they are decoded.
         raw = (latents / SD15_LATENT_SCALE).to(dtype)
         del latents

@@ -215,6 +215,16 @@ def check_threshold(threshold: float) -> float:
 _ANALYZERS: dict[tuple, FaceAnalyzer] = {}
 
 
+def clear_analyzer_cache() -> None:
+    """Drop the cached face analyzers; their ONNX sessions are freed with them."""
+    _ANALYZERS.clear()
+
+
+def analyzer_cache_bytes() -> int:
+    """Bytes of the ONNX files behind the cached face analyzers (0 when none is cached)."""
+    return sum(size for key in _ANALYZERS for _name, _mtime, size in key[2])
+
+
 def files_fingerprint(files: Sequence[Path]) -> tuple:
     """Name, mtime and size of each file: a cache key part that changes when a model file is replaced."""
     return tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in files)

@@ -138,3 +138,8 @@ def load_clip_vision(path: str | os.PathLike,
 def clear_clip_vision_cache() -> None:
     """Forget every cached encoder (the next load reads its file again)."""
     _CACHE.clear()
+
+
+def clip_vision_cache_bytes() -> int:
+    """Bytes of the cached encoders' weights (0 when none is cached)."""
+    return sum(p.numel() * p.element_size() for model in _CACHE.values() for p in model.parameters())

@@ -73,12 +73,16 @@ class LoraWeights(NamedTuple):
         """alpha / r (Hu et al. 2021, section 4.1); 1 when the file gives no alpha."""
         return 1.0 if self.alpha is None else self.alpha / self.rank
 
-    def delta(self, device: str | torch.device | None = None) -> torch.Tensor:
-        """(alpha / r) * B A in float32, shaped [out, in(, kh, kw)] (LoRA, Hu et al. 2021, eq. 3)."""
+    def delta(self, device: str | torch.device | None = None, strength: float = 1.0) -> torch.Tensor:
+        """strength * (alpha / r) * B A in float32, shaped [out, in(, kh, kw)] (LoRA, Hu et al. 2021, eq. 3).
+
+        The two scalars are multiplied first and the product scaled once, as ComfyUI's LoRA loader
+        does, so the same file and strength give bit-identical float32 weights on either path.
+        """
         down = self.down.to(device=device, dtype=torch.float32)
         up = self.up.to(device=device, dtype=torch.float32)
         product = up.reshape(up.shape[0], self.rank) @ down.reshape(self.rank, -1)
-        return (product * self.scale).reshape(up.shape[0], *down.shape[1:])
+        return (product * (strength * self.scale)).reshape(up.shape[0], *down.shape[1:])
 
 
 @dataclass(frozen=True)
@@ -156,8 +160,8 @@ class LoraPatch:
                 for path, lora in self.lora.weights.items():
                     weight = layers[path].weight
                     saved[path] = weight.detach().clone()
-                    delta = lora.delta(weight.device).reshape(weight.shape)
-                    weight.copy_(torch.add(weight.to(torch.float32), delta, alpha=self.strength))
+                    delta = lora.delta(weight.device, self.strength).reshape(weight.shape)
+                    weight.copy_(weight.to(torch.float32) + delta)
             yield unet
         finally:
             with torch.no_grad():

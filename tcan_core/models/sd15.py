@@ -20,7 +20,15 @@ import torch
 
 from .detect import SD15, UNET, VAE, Detection, detect_checkpoint, require_sd15
 from .errors import ModelFormatError
-from .state_dict import Shapes, load_state_dict_file, load_strict, read_shapes, shapes_of
+from .state_dict import (
+    LazyTensors,
+    Shapes,
+    assign_streamed,
+    load_state_dict_file,
+    load_strict,
+    read_shapes,
+    shapes_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +163,16 @@ def _fit_clip_keys(sd: Mapping[str, torch.Tensor], model: torch.nn.Module) -> di
     return {k: v for k, v in out.items() if not (k.endswith("position_ids") and k not in expected)}
 
 
+def _read_cast(lazy: Mapping[str, torch.Tensor], wanted, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
+    """The tensors of ``lazy`` whose key ``wanted(key)`` accepts, each cast as it is read (one extra tensor at most)."""
+    out = {}
+    for key in lazy:
+        if wanted(key):
+            tensor = lazy[key]
+            out[key] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+    return out
+
+
 def _finish(module: torch.nn.Module, dtype: torch.dtype, device) -> torch.nn.Module:
     # nn.Module.to directly: diffusers' override only adds a warning about fp32-pinned modules,
     # which none of these models has.
@@ -174,6 +192,36 @@ def _check_sd15(det: Detection, path) -> None:
                                    "checkpoint with UNet, VAE and text encoder (e.g. v1-5-pruned-emaonly).")
 
 
+def ldm_unet_layout(shapes: Shapes, prefix: str = UNET, source: str = "checkpoint") -> tuple[dict, dict[str, str]]:
+    """(diffusers UNet config, diffusers key -> LDM key) for the LDM UNet keys under ``prefix``, from shapes only.
+
+    diffusers' own single-file conversion is run on empty (meta) tensors, so no weight is read or
+    copied; LDM keys no diffusers layer takes are an error that names them.
+    """
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    cfg = infer_unet_config(shapes, prefix)
+    tokens = {UNET + k[len(prefix):]: torch.empty(s, device="meta") for k, s in shapes.items() if k.startswith(prefix)}
+    converted = convert_ldm_unet_checkpoint(tokens, cfg)
+    by_id = {id(t): prefix + k[len(UNET):] for k, t in tokens.items()}
+    key_map = {k: by_id[id(t)] for k, t in converted.items() if id(t) in by_id}
+    if len(key_map) != len(converted):
+        raise ModelFormatError(f"{source}: the UNet conversion changed tensors it should only rename: "
+                               f"{', '.join(sorted(set(converted) - set(key_map))[:8])}")
+    left = sorted(set(by_id.values()) - set(key_map.values()))
+    if left:
+        shown = ", ".join(left[:8]) + (f" ... and {len(left) - 8} more" if len(left) > 8 else "")
+        raise ModelFormatError(f"{source}: {len(left)} unexpected UNet key(s) that no SD1.5 layer takes: {shown}")
+    return cfg, key_map
+
+
+def empty_unet(config: Mapping) -> torch.nn.Module:
+    """A diffusers UNet2DConditionModel for ``config`` with its parameters on the meta device (no memory)."""
+    from diffusers import UNet2DConditionModel
+
+    return _empty(lambda: UNet2DConditionModel.from_config(dict(config))).eval().requires_grad_(False)
+
+
 def load_sd15_single_file(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                           device: str | torch.device = "cpu", unet_only: bool = False) -> SD15Components:
     """An SD1.5 ``.safetensors``/``.ckpt`` with LDM key names -> diffusers UNet, VAE and CLIP text model.
@@ -181,36 +229,35 @@ def load_sd15_single_file(path: str | os.PathLike, dtype: torch.dtype = torch.fl
     ``unet_only`` skips the VAE and text encoder (left None): inside ComfyUI they come from its
     own checkpoint loader, so the pack does not hold a second copy.
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import (
-        convert_ldm_clip_checkpoint,
-        convert_ldm_unet_checkpoint,
-        convert_ldm_vae_checkpoint,
-    )
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_ldm_vae_checkpoint
     from transformers import CLIPTextModel
 
-    sd = load_state_dict_file(path)
-    shapes = shapes_of(sd)
+    # Tensors are read one at a time and cast on the way in, so loading never holds a second copy
+    # of a model (nor the parts unet_only leaves out).
+    lazy = LazyTensors(path)
+    shapes = lazy.shapes
     det = detect_checkpoint(shapes)
     _check_sd15(det, path)
 
-    unet_cfg = infer_unet_config(shapes, UNET)
-    unet_sd = convert_ldm_unet_checkpoint(sd, unet_cfg)
-    _reject_unconverted("UNet", {k: v for k, v in sd.items() if k.startswith(UNET)}, unet_sd, path)
-    unet = _empty(lambda: UNet2DConditionModel.from_config(unet_cfg))
-    load_strict(unet, unet_sd, "SD1.5 UNet", path)
+    unet_cfg, key_map = ldm_unet_layout(shapes, UNET, str(path))
+    unet = empty_unet(unet_cfg)
+    assign_streamed(unet, lazy, key_map, "SD1.5 UNet", path, dtype=dtype, device=device)
     if unet_only:
         return SD15Components(unet=_finish(unet, dtype, device), vae=None, text_encoder=None, source=str(path),
                               detection=det, configs={"unet": unet_cfg})
 
     vae_cfg = infer_vae_config(shapes, VAE)
-    vae_sd = convert_ldm_vae_checkpoint(sd, vae_cfg)
-    vae_src = {k: v for k, v in sd.items() if k.startswith(VAE) and ".loss." not in k}
+    vae_src = _read_cast(lazy, lambda k: k.startswith(VAE) and ".loss." not in k, dtype, device)
+    vae_sd = convert_ldm_vae_checkpoint(vae_src, vae_cfg)
     _reject_unconverted("VAE", vae_src, vae_sd, path)
     vae = _empty(lambda: AutoencoderKL.from_config(vae_cfg))
     load_strict(vae, vae_sd, "SD1.5 VAE", path)
+    del vae_src, vae_sd
 
-    text_sd = _clip_keys(convert_ldm_clip_checkpoint(sd))
+    text_src = _read_cast(lazy, lambda k: k.startswith("cond_stage_model."), dtype, device)
+    text_sd = _clip_keys(convert_ldm_clip_checkpoint(text_src))
+    del text_src
     text = _empty(lambda: CLIPTextModel(infer_text_config(shapes_of(text_sd))))
     load_strict(text, _fit_clip_keys(text_sd, text), "SD1.5 CLIP text encoder", path)
 

@@ -14,7 +14,7 @@ import pickle
 import struct
 import zipfile
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 
@@ -102,14 +102,9 @@ def load_state_dict_file(path: str | os.PathLike, device: str | torch.device = "
     p = _check_path(path)
     kind = _container(p)
     if kind == "safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(p), device=str(device))
-        except (SafetensorError, OSError, json.JSONDecodeError) as exc:
-            raise ModelFileError(f"{p} is a truncated or corrupt safetensors file ({exc}); "
-                                 "download it again.") from exc
+        # Plain reads, tensor by tensor: a memory map would keep every page it read counted next to the copies.
+        lazy = LazyTensors(p)
+        return {k: lazy[k].to(device) for k in lazy}
     return _tensors_of(_torch_load(p, kind, device), p)
 
 
@@ -177,3 +172,143 @@ def load_strict(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], what: s
     meta = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
     if meta:
         raise ModelFormatError(f"{source}: the {what} has tensors the file did not fill: {format_keys(meta)}")
+
+
+# safetensors dtype names -> torch dtypes (the ones SD-family files use).
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class LazyTensors(Mapping):
+    """Key -> tensor of a model file, each tensor read only when it is asked for.
+
+    safetensors files are read with plain file reads (no memory map, whose touched pages would
+    stay counted in the process's memory next to the copies made from them), one tensor at a
+    time; torch archives are opened with ``torch.load(mmap=True, weights_only=True)``, so their
+    tensors stay backed by the file until converted. ``shapes`` needs no tensor data.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = _check_path(path)
+        self.kind = _container(self.path)
+        self._torch: dict[str, torch.Tensor] | None = None
+        self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        if self.kind == "safetensors":
+            self._read_header()
+        else:
+            self._torch = _tensors_of(_torch_load(self.path, self.kind, "cpu"), self.path)
+
+    def _read_header(self) -> None:
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            try:
+                header = json.loads(fh.read(n))
+                if not isinstance(header, dict):
+                    raise ValueError(f"the header is a {type(header).__name__}")
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise ModelFileError(f"{self.path} is a truncated or corrupt safetensors file (bad header: "
+                                     f"{exc}); download it again.") from exc
+        start = 8 + n
+        for key, entry in header.items():
+            if key == "__metadata__":
+                continue
+            dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype"))
+            if dtype is None:
+                raise ModelFileError(f"{self.path}: tensor {key} has the unsupported dtype {entry.get('dtype')!r}")
+            begin, end = (start + int(o) for o in entry["data_offsets"])
+            if end > size:
+                raise ModelFileError(f"{self.path} is a truncated or corrupt safetensors file: tensor {key} ends at "
+                                     f"byte {end} but the file has {size}; download it again.")
+            self._entries[key] = (dtype, tuple(int(d) for d in entry["shape"]), begin, end)
+
+    @property
+    def shapes(self) -> Shapes:
+        if self._torch is not None:
+            return shapes_of(self._torch)
+        return {k: e[1] for k, e in self._entries.items()}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if self._torch is not None:
+            return self._torch[key]
+        dtype, shape, begin, end = self._entries[key]
+        out = torch.empty(end - begin, dtype=torch.uint8)
+        with open(self.path, "rb") as fh:
+            fh.seek(begin)
+            if fh.readinto(memoryview(out.numpy())) != end - begin:
+                raise ModelFileError(f"{self.path} is a truncated or corrupt safetensors file (tensor {key} is cut "
+                                     "short); download it again.")
+        return out.view(dtype).reshape(shape)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._torch if self._torch is not None else self._entries)
+
+    def __len__(self) -> int:
+        return len(self._torch if self._torch is not None else self._entries)
+
+
+def _owner(module: torch.nn.Module, key: str) -> tuple[torch.nn.Module, str]:
+    path, _, name = key.rpartition(".")
+    return (module.get_submodule(path) if path else module), name
+
+
+def bind_tensors(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Make ``module``'s parameters/buffers named in ``tensors`` these very tensors (no copy).
+
+    A ``Parameter`` is bound as the same object, so moving either owner's module to a device moves
+    both; a plain tensor is wrapped in a ``Parameter`` that shares its storage.
+    """
+    for key, tensor in tensors.items():
+        owner, name = _owner(module, key)
+        if name in owner._parameters:
+            if not isinstance(tensor, torch.nn.Parameter):
+                tensor = torch.nn.Parameter(tensor, requires_grad=False)
+            owner._parameters[name] = tensor
+        elif name in owner._buffers:
+            owner._buffers[name] = tensor
+        else:
+            raise KeyError(f"{type(module).__name__} has no parameter or buffer {key}")
+
+
+def unbind_tensors(module: torch.nn.Module) -> None:
+    """Replace every parameter of ``module`` by an empty one on the meta device (same shape and dtype),
+    dropping the references :func:`bind_tensors` made."""
+    for sub in module.modules():
+        for name, param in list(sub._parameters.items()):
+            if param is not None:
+                sub._parameters[name] = torch.nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
+
+
+def is_bound(module: torch.nn.Module) -> bool:
+    """True when no parameter of ``module`` is on the meta device (its weights are there to run)."""
+    return not any(p.is_meta for p in module.parameters())
+
+
+def assign_streamed(module: torch.nn.Module, source: Mapping[str, torch.Tensor], key_map: Mapping[str, str],
+                    what: str, path: str | os.PathLike, dtype: torch.dtype | None = None,
+                    device: str | torch.device = "cpu") -> None:
+    """Fill ``module`` (built on the meta device) key by key: module key -> ``source[key_map[key]]``,
+    cast to ``dtype``/``device`` one tensor at a time, so only one extra tensor is ever held.
+
+    Keys and shapes must fit exactly (checked before anything is read); a tensor already in the
+    right dtype and device is used as it is, without a copy.
+    """
+    expected = shapes_of(module.state_dict())
+    source_shapes = source.shapes if isinstance(source, LazyTensors) else shapes_of(source)
+    found = {k: source_shapes[v] for k, v in key_map.items() if v in source_shapes}
+    missing_src = [v for v in key_map.values() if v not in source_shapes]
+    problems = fit_problems(found, expected)
+    if missing_src or problems:
+        detail = problems or f"{len(missing_src)} key(s) not in the file: {format_keys(missing_src)}"
+        raise ModelFormatError(f"{path}: the weights do not fit the {what}: {detail}")
+    for key, src in key_map.items():
+        tensor = source[src]
+        cast = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+        bind_tensors(module, {key: tensor.to(device=device, dtype=cast)})
+        del tensor
+    meta = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
+    if meta:
+        raise ModelFormatError(f"{path}: the {what} has tensors the file did not fill: {format_keys(meta)}")

@@ -253,6 +253,10 @@ def _compare_base(sd: dict[str, torch.Tensor], base_unet: torch.nn.Module, sourc
         raise ModelFormatError(f"{source}: the UNet weights in the file do not fit the base UNet: {problems}. The "
                                "file is for another base model or is incomplete; use a TCAN UNet trained on an SD1.5 "
                                "model.")
+    if any(t.is_meta for t in reference.values()):
+        # A UNet sharing a host's weights (ComfyUI's MODEL) holds none between calls: nothing to compare.
+        log.info("%s: base weights not compared (the base UNet's weights come from the host's MODEL)", source)
+        return ()
     return tuple(sorted(k for k in sd if not _same_tensor(sd[k], reference[k])))
 
 

@@ -186,6 +186,16 @@ def load_backend(name: str, folders: Sequence[str], device: str = "cpu",
     return backend
 
 
+def clear_backend_cache() -> None:
+    """Drop the cached pose backend; its ONNX sessions / networks are freed with it (the next load reads the files)."""
+    _cache.clear()
+
+
+def backend_cache_bytes() -> int:
+    """Bytes of the model files behind the cached pose backend (0 when none is cached)."""
+    return sum(os.path.getsize(p) for key in _cache for p in key[1] if p)
+
+
 def _as_uint8(frame: np.ndarray, index: int) -> np.ndarray:
     frame = np.asarray(frame)
     if frame.ndim != 3 or frame.shape[2] != 3:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
+
 import torch
 
 from tcan_core.model_folders import (
@@ -89,6 +91,14 @@ def output_directory() -> str:
     if IN_COMFYUI:
         return _folder_paths.get_output_directory()
     return os.getcwd()
+
+
+def temp_directory() -> str:
+    """ComfyUI's temp folder (served by /view as type "temp", emptied at start); outside ComfyUI
+    ``$TCAN_TEMP_DIR`` or a folder in the system's temp directory."""
+    if IN_COMFYUI:
+        return _folder_paths.get_temp_directory()
+    return os.environ.get("TCAN_TEMP_DIR") or os.path.join(tempfile.gettempdir(), "tcan_temp")
 
 
 def input_directory() -> str:

@@ -33,6 +33,7 @@ function el(tag, style, props = {}) {
 class Scrubber {
   constructor(node) {
     this.node = node;
+    this.sendsFrames = false;
     this.frames = [];
     this.marks = [];
     this.pose = null;
@@ -53,7 +54,8 @@ class Scrubber {
     this.playButton = el("button", { minWidth: "28px", cursor: "pointer" }, { className: "tcan-play", textContent: "▶",
                                                                               title: "play / pause" });
     this.slider = el("input", { flex: "1 1 auto" }, { className: "tcan-slider", type: "range", min: 0, max: 0, value: 0 });
-    this.label = el("span", { whiteSpace: "nowrap", minWidth: "90px", textAlign: "right" },
+    this.label = el("span", { whiteSpace: "nowrap", minWidth: "70px", maxWidth: "55%", overflow: "hidden",
+                              textOverflow: "ellipsis", textAlign: "right" },
                     { className: "tcan-frame", textContent: "not run yet" });
     controls.append(this.playButton, this.slider, this.label);
     this.root.append(this.canvas, this.marksBar, controls);
@@ -63,18 +65,22 @@ class Scrubber {
     this.canvas.addEventListener("pointerdown", (e) => this.onPointerDown(e));
     this.canvas.addEventListener("pointermove", (e) => this.onPointerMove(e));
     this.canvas.addEventListener("pointerup", (e) => this.onPointerUp(e));
-    for (const e of [this.root]) e.addEventListener("keydown", (ev) => ev.stopPropagation());
+    this.root.addEventListener("keydown", (ev) => ev.stopPropagation());
     new ResizeObserver(() => this.draw()).observe(this.canvas);
   }
 
   // A node's run result: ui.images (frames), ui.tcan_marks, ui.tcan_pose.
   setOutput(message) {
     this.stop();
+    this.root.dataset.nodeId = String(this.node.id);
+    this.sendsFrames = Array.isArray(message?.images);
     this.frames = message?.images ?? [];
     this.marks = message?.tcan_marks ?? [];
     this.pose = message?.tcan_pose?.[0] ?? null;
     this.cache.clear();
     this.shown = null;
+    this.outputAt = performance.now();
+    this.firstFrameMs = null;
     this.slider.max = Math.max(0, this.frames.length - 1);
     this.drawMarks();
     this.show(Math.min(this.frame, Math.max(0, this.frames.length - 1)));
@@ -107,7 +113,7 @@ class Scrubber {
     if (n === 0) {
       this.frame = 0;
       this.root.dataset.frame = "";
-      this.setLabel("no frames: this node's output has 0 frames");
+      this.setLabel(this.sendsFrames ? "no frames: this node's output has 0 frames" : "no preview frames from this node");
       this.draw();
       return;
     }
@@ -175,6 +181,7 @@ class Scrubber {
     ctx.clearRect(0, 0, w, h);
     ctx.drawImage(img, this.drawRect.x, this.drawRect.y, dw, dh);
     this.shown = this.frame;
+    this.firstFrameMs ??= performance.now() - this.outputAt; // time to first frame (tests report it)
     this.root.dataset.shown = this.frames[this.frame].filename;
     this.drawHandles(ctx);
   }
@@ -215,10 +222,10 @@ class Scrubber {
   }
 
   eventPoint(e) {
+    // The graph's zoom scales the element with a CSS transform: measure on screen, map to canvas pixels.
     const rect = this.canvas.getBoundingClientRect();
-    const dpr = window.devicePixelRatio || 1;
-    return [(e.clientX - rect.left) * dpr * (this.canvas.width / (rect.width * dpr)),
-            (e.clientY - rect.top) * dpr * (this.canvas.height / (rect.height * dpr))];
+    return [((e.clientX - rect.left) * this.canvas.width) / rect.width,
+            ((e.clientY - rect.top) * this.canvas.height) / rect.height];
   }
 
   onPointerDown(e) {
@@ -291,7 +298,7 @@ app.registerExtension({
       const scrubber = new Scrubber(this);
       const widget = this.addDOMWidget(WIDGET, "tcan_scrubber", scrubber.root, { hideOnZoom: false, serialize: false });
       widget.serialize = false;
-      widget.computeLayoutSize = () => ({ minHeight: 220, minWidth: 240 });
+      widget.computeLayoutSize = () => ({ minHeight: 180, minWidth: 240 });
       this.tcanScrubber = scrubber;
       this.setSize([Math.max(this.size[0], 320), Math.max(this.size[1], this.computeSize()[1])]);
       return r;

@@ -11,10 +11,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -31,7 +34,7 @@ if not Path(CHROMIUM).is_file():
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (requirements-dev.txt); "
                                                           "the browser itself is Debian's chromium")
 
-from test_comfyui_integration import WORKFLOWS, comfyui  # noqa: E402,F401  (the server fixture)
+from test_comfyui_integration import WORKFLOWS, _free_port, _write_inputs  # noqa: E402
 
 SHOTS = Path(os.environ.get("TCAN_SCREENSHOTS") or ROOT / "test-artifacts" / "screenshots")
 POSE_WORKFLOW = "pose_retarget"
@@ -39,6 +42,42 @@ EDIT_NODE = 12  # TCAN Pose Edit in workflows/pose_retarget.json
 RENDER_NODE = 8
 LONG_FRAMES = 2000
 TIMEOUT_MS = 120_000
+
+
+@pytest.fixture(scope="module")
+def comfyui(tmp_path_factory):
+    """ComfyUI on 127.0.0.1 (--cpu) with the pack and the tiny DWPose pair: all the pose workflow runs on.
+    (The animation workflows are only loaded here, not run: tests/test_comfyui_integration.py runs them.)"""
+    from tcan_core.tiny.pose_onnx import write_dwpose_models
+
+    base = tmp_path_factory.mktemp("comfy_browser")
+    write_dwpose_models(base / "models" / "tcan" / "pose")
+    _write_inputs(base / "input")
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / "ComfyUI-TCAN").symlink_to(ROOT)
+    port = _free_port()
+    log = open(base / "comfyui.log", "w+")
+    proc = subprocess.Popen([sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+                             "--base-directory", str(base), "--disable-auto-launch"],
+                            cwd=os.environ["COMFYUI_PATH"], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 240
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                pytest.fail("ComfyUI exited:\n" + log.read()[-4000:])
+            try:
+                urllib.request.urlopen(url + "/object_info/TCANPoseEdit", timeout=5).read()
+                break
+            except OSError:
+                assert time.time() < deadline, "ComfyUI did not answer within 240 s"
+                time.sleep(0.5)
+        yield SimpleNamespace(url=url, base=base)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -232,8 +271,11 @@ def test_a_2000_frame_preview_stays_responsive(page, comfyui):
     (comfyui.base / "input" / "long_pose.json").write_text(json.dumps(frames))
     page.evaluate("() => window.app.extensionManager.command.execute('Comfy.NewBlankWorkflow')")
     page.wait_for_function("() => window.app.graph.nodes.length === 0")
+    # Pose Load -> Pose Save (an output node, so ComfyUI runs the graph).
     node = page.evaluate("""() => { const n = LiteGraph.createNode('TCANPoseLoad'); window.app.graph.add(n);
-        n.widgets.find(w => w.name === 'typed_name').value = 'long_pose.json'; n.pos = [100, 100]; return n.id; }""")
+        n.widgets.find(w => w.name === 'file').value = 'long_pose.json'; n.pos = [100, 100];
+        const save = LiteGraph.createNode('TCANPoseSave'); window.app.graph.add(save); save.pos = [500, 100];
+        n.connect(0, save, 0); return n.id; }""")
     cdp = page.context.new_cdp_session(page)
     cdp.send("Performance.enable")
     cdp.send("HeapProfiler.collectGarbage")

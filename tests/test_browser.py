@@ -229,10 +229,14 @@ def test_pose_workflow_scrub_drag_and_rerun(page, comfyui):
     page.wait_for_function(f"() => document.querySelector('{root}').dataset.shown.endsWith('_00005.jpg')")
     page.wait_for_timeout(200)
     shot(page, "scrubber_rerun")
-    box = page.evaluate(f"""() => {{ const r = document.querySelector('{root}').closest('.dom-widget')
-        ?.getBoundingClientRect() ?? document.querySelector('{root}').getBoundingClientRect();
-        return [r.left, r.top, r.width, r.height]; }}""")
-    shot(page, "scrubber_pose_edit", clip={"x": box[0] - 12, "y": box[1] - 70, "width": box[2] + 24, "height": box[3] + 80})
+    # Pose Edit and Pose Render side by side (the README's picture).
+    box = page.evaluate(f"""() => {{ const c = window.app.canvas, r = c.canvas.getBoundingClientRect();
+        const [a, b] = [{EDIT_NODE}, {RENDER_NODE}].map(id => window.app.graph.getNodeById(id).getBounding());
+        const s = c.ds.scale, [ox, oy] = c.ds.offset;
+        const x0 = (Math.min(a[0], b[0]) + ox) * s + r.left, y0 = (Math.min(a[1], b[1]) + oy) * s + r.top;
+        const x1 = (Math.max(a[0] + a[2], b[0] + b[2]) + ox) * s + r.left, y1 = (Math.max(a[1] + a[3], b[1] + b[3]) + oy) * s + r.top;
+        return [x0 - 8, y0 - 8, x1 - x0 + 16, y1 - y0 + 16]; }}""")
+    shot(page, "scrubber_pose_edit", clip=dict(zip(("x", "y", "width", "height"), box)))
     assert not page.errors, page.errors
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import numpy as np
@@ -37,6 +38,19 @@ def _size(height: int, width: int, side: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
+def _encode(frame: torch.Tensor | np.ndarray, size: tuple[int, int], index: int) -> bytes:
+    """One frame ``[H,W,3]`` -> JPEG bytes at ``size`` (w, h)."""
+    if isinstance(frame, torch.Tensor):
+        frame = frame.detach().to("cpu", torch.float32).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
+    elif frame.dtype != np.uint8:
+        frame = (np.clip(frame, 0.0, 1.0) * 255).round().astype(np.uint8)
+    small = cv2.resize(frame, size, interpolation=cv2.INTER_AREA) if size != frame.shape[1::-1] else frame
+    ok, data = cv2.imencode(".jpg", np.ascontiguousarray(small[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    if not ok:
+        raise RuntimeError(f"could not encode preview frame {index} ({size[0]}x{size[1]}) as JPEG")
+    return data.tobytes()
+
+
 def save_preview_frames(frames: torch.Tensor | np.ndarray, prefix: str, side: int = PREVIEW_SIDE) -> list[dict]:
     """Frames ``[F,H,W,3]`` (float 0..1 or uint8) -> ``ui.images`` entries of downscaled JPEGs in the temp folder."""
     if frames.ndim != 4 or frames.shape[-1] != 3:
@@ -45,22 +59,16 @@ def save_preview_frames(frames: torch.Tensor | np.ndarray, prefix: str, side: in
     os.makedirs(folder, exist_ok=True)
     run = f"{prefix}_{uuid.uuid4().hex[:10]}"
     size = _size(int(frames.shape[1]), int(frames.shape[2]), side)
-    entries = []
-    for f in range(int(frames.shape[0])):
-        frame = frames[f]
-        if isinstance(frame, torch.Tensor):
-            frame = frame.detach().to("cpu", torch.float32).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
-        elif frame.dtype != np.uint8:
-            frame = (np.clip(frame, 0.0, 1.0) * 255).round().astype(np.uint8)
-        small = cv2.resize(frame, size, interpolation=cv2.INTER_AREA) if size != frame.shape[1::-1] else frame
-        ok, data = cv2.imencode(".jpg", np.ascontiguousarray(small[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
-        if not ok:
-            raise RuntimeError(f"could not encode preview frame {f} ({size[0]}x{size[1]}) as JPEG")
-        name = f"{run}_{f:05d}.jpg"
-        with open(os.path.join(folder, name), "wb") as fh:
-            fh.write(data.tobytes())
-        entries.append({"filename": name, "subfolder": SUBFOLDER, "type": "temp"})
-    return entries
+    names = [f"{run}_{f:05d}.jpg" for f in range(int(frames.shape[0]))]
+
+    def write(f: int) -> None:
+        with open(os.path.join(folder, names[f]), "wb") as fh:
+            fh.write(_encode(frames[f], size, f))
+
+    # OpenCV and torch release the GIL while they resize and encode: threads use every core.
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        list(pool.map(write, range(len(names))))
+    return [{"filename": name, "subfolder": SUBFOLDER, "type": "temp"} for name in names]
 
 
 def pose_frames(seq: PoseSequence, side: int = PREVIEW_SIDE) -> np.ndarray:

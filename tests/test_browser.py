@@ -212,6 +212,12 @@ def test_pose_workflow_scrub_drag_and_rerun(page, comfyui):
     assert edits[0]["x"] > x0 + 5 and edits[0]["y"] > y0 + 3, (edits, x0, y0)
     saved = page.evaluate(f"() => window.app.graph.serialize().nodes.find(n => n.id === {EDIT_NODE}).widgets_values")
     assert json.loads(saved[0]) == edits, saved  # the edit is part of the saved workflow
+    edits_value = f"() => window.app.graph.getNodeById({EDIT_NODE}).widgets.find(w => w.name === 'edits').value"
+    page.evaluate("() => window.app.extensionManager.command.execute('Comfy.Undo')")
+    page.wait_for_function(f"() => ({edits_value})() === '[]'", timeout=10_000)  # undone with the graph
+    page.evaluate("() => window.app.extensionManager.command.execute('Comfy.Redo')")
+    page.wait_for_function(f"() => ({edits_value})() !== '[]'", timeout=10_000)
+    assert json.loads(page.evaluate(edits_value)) == edits
     shot(page, "scrubber_dragged")
 
     second = run(page, comfyui, EDIT_NODE)

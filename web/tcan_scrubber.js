@@ -303,6 +303,11 @@ app.registerExtension({
       this.setSize([Math.max(this.size[0], 320), Math.max(this.size[1], this.computeSize()[1])]);
       return r;
     };
+    const onRemoved = nodeType.prototype.onRemoved;
+    nodeType.prototype.onRemoved = function () {
+      this.tcanScrubber?.stop();
+      return onRemoved?.apply(this, arguments);
+    };
     // The stock preview loads every image of ui.images at once; the scrubber loads on demand instead.
     nodeType.prototype.onDrawBackground = function () {};
     const onExecuted = nodeType.prototype.onExecuted;

@@ -16,6 +16,7 @@ TOPICS = (
     "nodes_setup",
     "nodes_pose_extract",
     "nodes_pose",
+    "nodes_pose_edit",
     "nodes_tpc",
     "nodes_model",
     "nodes_comfy_model",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -93,6 +94,14 @@ def output_directory() -> str:
     if IN_COMFYUI:
         return _folder_paths.get_output_directory()
     return os.getcwd()
+
+
+def temp_directory() -> str:
+    """ComfyUI's temp folder (served by /view as type "temp", emptied at start); outside ComfyUI
+    ``$TCAN_TEMP_DIR`` or a folder in the system's temp directory."""
+    if IN_COMFYUI:
+        return _folder_paths.get_temp_directory()
+    return os.environ.get("TCAN_TEMP_DIR") or os.path.join(tempfile.gettempdir(), "tcan_temp")
 
 
 def input_directory() -> str:

@@ -16,6 +16,7 @@ from tcan_core.animation.windows import DEFAULT_CONTEXT_LENGTH, DEFAULT_CONTEXT_
 
 from . import host
 from .common import CATEGORY, with_report
+from .previews import with_preview
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +206,7 @@ class TCANPTM:
         else:
             maps = window_previews(pose_images, tau, context_length, context_overlap)
             report += f" Preview: {maps.shape[0]} window(s)."
-        return with_report(report, (model, maps))
+        return with_preview(report, (model, maps), maps, "ptm")
 
 
 NODE_CLASS_MAPPINGS = {

@@ -21,6 +21,7 @@ from tcan_core.pose_format import parse_pose_keypoint, to_pose_keypoint
 
 from . import host
 from .common import CATEGORY, with_report
+from .previews import pose_frames, pose_marks, with_preview
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,8 @@ class TCANPoseSmooth:
                                   beta=beta, fps=fps)
         text = (f"{res.poses.num_frames} frames; {res.filled_points} points filled; "
                 f"{res.frames_without_person} frames still without a person")
-        return with_report(text, (to_pose_keypoint(res.poses),))
+        return with_preview(text, (to_pose_keypoint(res.poses),), pose_frames(res.poses), "pose_smooth",
+                            tcan_marks=pose_marks(res.poses))
 
 
 class TCANPoseRetarget:
@@ -172,7 +174,7 @@ class TCANPoseRender:
         images = torch.from_numpy(frames).float().div_(255.0)
         empty = _frames_without_person(seq)
         text = f"{images.shape[0]} frames at {images.shape[2]}x{images.shape[1]}; {empty} without a person (black)"
-        return with_report(text, (images,))
+        return with_preview(text, (images,), images, "pose_render", tcan_marks=pose_marks(seq))
 
 
 class TCANPoseSave:
@@ -240,7 +242,8 @@ class TCANPoseLoad:
         people = [len(frame["people"]) for frame in poses]
         empty = sum(1 for n in people if n == 0)
         text = f"loaded {len(poses)} frames from {path.name}; {empty} without a person"
-        return with_report(text, (poses,))
+        seq = parse_pose_keypoint(poses)
+        return with_preview(text, (poses,), pose_frames(seq), "pose_load", tcan_marks=pose_marks(seq))
 
 
 NODE_CLASS_MAPPINGS = {

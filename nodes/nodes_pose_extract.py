@@ -10,7 +10,8 @@ from tcan_core.pose import extract
 from tcan_core.pose_format import to_pose_keypoint
 
 from . import host
-from .common import CATEGORY, require, with_report
+from .common import CATEGORY, require
+from .previews import pose_marks, with_preview
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,8 @@ class TCANPoseExtract:
         preview = torch.from_numpy(extract.preview_frames(frames, result.poses, body, hands, face))
         report = f"{backend} on {estimator.provider}: {result.summary()}"
         log.info(report)
-        return with_report(report, (to_pose_keypoint(result.poses), preview))
+        return with_preview(report, (to_pose_keypoint(result.poses), preview), preview, "pose_extract",
+                            tcan_marks=pose_marks(result.poses))
 
 
 NODE_CLASS_MAPPINGS = {"TCANPoseExtract": TCANPoseExtract}

@@ -11,8 +11,9 @@ from tcan_core.pose_format import parse_pose_keypoint
 from tcan_core.tpc import DEFAULT_SCALE_RANGE, KEYPOINT_SET_HELP, KEYPOINT_SETS, calibrate
 from tcan_core.tpc.preview import preview_frames
 
-from .common import CATEGORY, with_report
+from .common import CATEGORY
 from .host import Progress
+from .previews import with_preview
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ class TCANTPCCalibrate:
             preview = preview_frames(cal, callback=bar.step)
         report = cal.summary()
         log.info(report)
-        return with_report(report, (cal.frame_images(), cal.frame_masks(), cal, preview))
+        return with_preview(report, (cal.frame_images(), cal.frame_masks(), cal, preview), preview, "tpc_calibrate")
 
 
 NODE_CLASS_MAPPINGS = {"TCANTPCCalibrate": TCANTPCCalibrate}

@@ -53,6 +53,12 @@ def load_pack(name: str = "comfyui_tcan"):
     return module
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _temp_previews(tmp_path_factory):
+    """Preview frames the nodes write (nodes/previews.py) go to a test folder, not the system temp."""
+    os.environ["TCAN_TEMP_DIR"] = str(tmp_path_factory.mktemp("comfy_temp"))
+
+
 @pytest.fixture(scope="session")
 def pack():
     return load_pack()

@@ -67,16 +67,32 @@ def _temporary(path: Path) -> Path:
     return Path(name)
 
 
+def _opens(name: str) -> bool:
+    """Whether encoder ``name`` opens here (a hardware encoder is listed even where its device is absent)."""
+    import av
+
+    try:
+        context = av.CodecContext.create(name, "w")
+        context.width, context.height, context.pix_fmt = 64, 64, "yuv420p"
+        context.time_base = Fraction(1, 12)
+        context.open()
+        return True
+    except (av.error.FFmpegError, ValueError, KeyError, OSError):
+        return False
+
+
 def h264_encoder() -> str:
-    """The name of the first H.264 encoder this PyAV build has; a clear error when it has none."""
+    """The name of the first H.264 encoder of this PyAV build that opens; a clear error when none does."""
     import av
 
     for name in H264_ENCODERS:
         try:
-            return av.codec.Codec(name, "w").name
+            av.codec.Codec(name, "w")
         except (av.error.FFmpegError, ValueError, KeyError):
             continue
-    raise RuntimeError("this PyAV/FFmpeg build has no H.264 encoder; write a .gif or .webp, or PNG frames "
+        if _opens(name):
+            return name
+    raise RuntimeError("this PyAV/FFmpeg build has no working H.264 encoder; write a .gif or .webp, or PNG frames "
                        "(an output path without an extension), or install the PyAV wheel from PyPI "
                        "(pip install av), which includes libx264")
 
@@ -100,7 +116,7 @@ def _write_h264(path: Path, frames: np.ndarray, fps: float) -> None:
         stream = container.add_stream(h264_encoder(), rate=Fraction(fps).limit_denominator(100_000))
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "18"} if stream.codec_context.name == "libx264" else {}
+        stream.options = {"crf": "18"} if stream.codec_context.codec.name == "libx264" else {}
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
         container.mux(stream.encode())
@@ -167,7 +183,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise ValueError(f"{path} is a folder; give an image file (PNG or JPEG)")
     try:
         with Image.open(path) as image:
-            return np.ascontiguousarray(np.asarray(image.convert("RGB")))
+            return np.array(image.convert("RGB"))
     except (UnidentifiedImageError, OSError) as exc:
         raise ValueError(f"cannot read the image {path}: it is not an image file Pillow can open ({exc}); "
                          "give a PNG or JPEG file") from exc
@@ -182,7 +198,7 @@ def _read_animated(path: Path, max_frames: int | None) -> tuple[np.ndarray, floa
     try:
         with Image.open(path) as image:
             for frame in ImageSequence.Iterator(image):
-                frames.append(np.asarray(frame.convert("RGB")))
+                frames.append(np.array(frame.convert("RGB")))
                 durations.append(float(frame.info.get("duration") or 0.0))
                 if max_frames is not None and len(frames) >= max_frames:
                     break

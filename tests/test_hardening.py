@@ -244,3 +244,231 @@ def test_the_report_explains_marks_reasons_and_tcan_kinds(tmp_path):
     assert "AnimateDiff motion module" not in text.split("[ok] TCAN trained parts")[1].split("\n[")[0]
     assert "CLIP vision encoder width 128; not taken: ID-Animator and IP-Adapter FaceID need ViT-H/14" in text
     assert "ID-Animator face adapter (cross-attention width 64); not taken: SD1.5 needs" in text
+
+
+# --- 9-17: the command line ---------------------------------------------------------------------
+
+import sys  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from tcan_core import cli, pipeline, video_io  # noqa: E402
+from tcan_core.cli import main  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cli_inputs(tmp_path_factory):
+    """The demo's character image, its pose and the driving dance as files, as `animate` reads them."""
+    from tcan_core.demo_scene import character_image, character_pose, driving_dance
+    from tcan_core.pose.pose_json import save_pose_json
+    from tcan_core.pose_format import to_pose_keypoint
+    from tcan_core.video_io import write_frames
+
+    root = tmp_path_factory.mktemp("cli_inputs")
+    character = character_pose()
+    write_frames(root / "reference", character_image(character)[None])
+    save_pose_json(to_pose_keypoint(character), root / "reference_pose.json")
+    save_pose_json(to_pose_keypoint(driving_dance(frames=6)), root / "driving_pose.json")
+    return root
+
+
+def _animate_args(cli_inputs, models, out, *extra):
+    return ["animate", "--reference", str(cli_inputs / "reference" / "00000.png"), "--reference-pose",
+            str(cli_inputs / "reference_pose.json"), "--driving", str(cli_inputs / "driving_pose.json"),
+            "--models", str(models), "--out", str(out), *extra]
+
+
+def test_animate_with_width_alone_writes_every_frame_and_shows_progress_when_piped(cli_inputs, tiny_tree,
+                                                                                   tmp_path, capsys):
+    out = tmp_path / "clip.gif"
+    assert main(_animate_args(cli_inputs, tiny_tree.root, out, "--width", "96", "--steps", "1", "--max-frames",
+                              "3", "--tau", "0", "--no-tpc", "--seed", str(2**64 - 1))) == 0
+    printed = capsys.readouterr()
+    from PIL import Image
+
+    with Image.open(out) as gif:
+        # The reference is 384x512 (3:4): width 96 keeps the aspect with height 128.
+        assert gif.n_frames == 3 and gif.size == (96, 128)
+    assert "SD1.5 checkpoint: tiny_sd15.ckpt (the first usable file in checkpoints)" in printed.out
+    assert "sampled 3 frames at 96x128" in printed.out and "animated GIF" in printed.out
+    assert "TCAN sampling" in printed.err, "progress must show when stderr is not a terminal"
+
+
+def test_output_size_follows_the_reference_for_the_side_left_out():
+    assert pipeline.output_size(384, 512, 96, None) == (96, 128)
+    assert pipeline.output_size(384, 512, None, 256) == (192, 256)
+    assert pipeline.output_size(384, 512, 64, 64) == (64, 64)
+    assert pipeline.output_size(1000, 100, None, 64) == (640, 64)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--width", "100"], "width must be a multiple of 8 and at least 64, got 100"),
+    (["--height", "60"], "height must be a multiple of 8 and at least 64, got 60"),
+    (["--steps", "0"], "steps must be at least 1"),
+    (["--scheduler", "Euler a"], "unknown scheduler 'Euler a'; choose one of DDIM, Euler, Euler ancestral"),
+    (["--seed", str(2**64)], "seed must be between 0 and 18446744073709551615"),
+    (["--seed", "-1"], "seed must be between 0 and"),
+    (["--max-frames", "0"], "max frames must be at least 1, got 0"),
+    (["--fps", "0"], "--fps must be above 0, got 0.0"),
+    (["--tau", "-1"], "tau must be 0 or more"),
+])
+def test_every_setting_is_checked_before_any_heavy_work(cli_inputs, tmp_path, monkeypatch, capsys, extra, message):
+    def heavy(*args, **kwargs):
+        raise AssertionError("heavy work started before the settings were checked")
+
+    monkeypatch.setattr(pipeline, "pick_models", heavy)
+    monkeypatch.setattr(pipeline, "load_driving", heavy)
+    monkeypatch.setattr(pipeline, "extract_poses_from", heavy)
+    assert main(_animate_args(cli_inputs, tmp_path, tmp_path / "x.mp4", *extra)) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("out, message", [("x.avi", "unknown output extension '.avi'; use one of .mp4, .mov, .mkv, "
+                                                    ".gif, .webp"),
+                                          ("x.MP3", "unknown output extension '.mp3'")])
+def test_an_unknown_output_extension_is_refused_with_the_list(cli_inputs, tmp_path, capsys, out, message):
+    assert main(_animate_args(cli_inputs, tmp_path, tmp_path / out)) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_missing_reference_or_driving_file_says_it_does_not_exist(cli_inputs, tmp_path, capsys):
+    args = _animate_args(cli_inputs, tmp_path, tmp_path / "x.mp4")
+    args[args.index("--reference") + 1] = str(tmp_path / "nope.png")
+    assert main(args) == 2
+    assert f"the reference image {tmp_path / 'nope.png'} does not exist" in capsys.readouterr().err
+    args = _animate_args(cli_inputs, tmp_path, tmp_path / "x.mp4")
+    args[args.index("--driving") + 1] = str(tmp_path / "nope.mp4")
+    assert main(args) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_broken_video_gives_only_the_packs_message(cli_inputs, tiny_tree, tmp_path):
+    import subprocess
+
+    from conftest import ROOT
+
+    bad = tmp_path / "dance.mp4"
+    bad.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 64)
+    args = _animate_args(cli_inputs, tiny_tree.root, tmp_path / "x.mp4")
+    args[args.index("--driving") + 1] = str(bad)
+    out = subprocess.run([sys.executable, "-m", "tcan_core", *args], capture_output=True, text=True, cwd=ROOT,
+                         timeout=300)
+    assert out.returncode == 2
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot read the video {bad}"), out.stderr
+
+
+@pytest.mark.parametrize("width, height", [(64, 48), (51, 37)])
+def test_mp4_is_h264_in_yuv420p_with_every_frame_also_at_odd_sizes(tmp_path, width, height):
+    import av
+
+    frames = (np.random.default_rng(0).random((5, height, width, 3)) * 255).astype(np.uint8)
+    video_io.write_frames(tmp_path / "clip.mp4", frames, fps=8)
+    with av.open(str(tmp_path / "clip.mp4")) as container:
+        stream = container.streams.video[0]
+        assert stream.codec_context.name == "h264" and stream.codec_context.pix_fmt == "yuv420p"
+        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+    assert len(decoded) == 5 and decoded[0].shape == (height + height % 2, width + width % 2, 3)
+    assert float(stream.average_rate) == 8.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4"]
+
+
+def test_gif_webp_and_png_frames_keep_every_frame(tmp_path):
+    from PIL import Image
+
+    frames = np.stack([np.full((32, 48, 3), 40 * i, np.uint8) for i in range(5)])
+    for name in ("clip.gif", "clip.webp"):
+        video_io.write_frames(tmp_path / name, frames, fps=10)
+        with Image.open(tmp_path / name) as image:
+            assert image.n_frames == 5 and image.size == (48, 32)
+        read, fps = video_io.read_video(tmp_path / name)
+        assert read.shape == (5, 32, 48, 3) and abs(fps - 10) < 0.5
+    video_io.write_frames(tmp_path / "frames", frames)
+    assert sorted(p.name for p in (tmp_path / "frames").iterdir()) == [f"{i:05d}.png" for i in range(5)]
+    assert np.array_equal(video_io.read_image(tmp_path / "frames" / "00003.png"), frames[3])
+
+
+def test_a_failed_write_leaves_no_file_under_the_final_name(tmp_path, monkeypatch):
+    def broken(path, frames, fps):
+        Path(path).write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(video_io, "_write_h264", broken)
+    with pytest.raises(OSError, match="disk full"):
+        video_io.write_frames(tmp_path / "clip.mp4", np.zeros((2, 8, 8, 3), np.uint8))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("missing", [("libx264",), video_io.H264_ENCODERS])
+def test_h264_encoder_falls_back_to_another_that_works_or_says_what_to_do(monkeypatch, tmp_path, missing):
+    import av
+
+    real = av.codec.Codec
+
+    def without(name, mode="r"):
+        if name in missing:
+            raise av.error.FFmpegError(0, f"no {name}")
+        return real(name, mode)
+
+    monkeypatch.setattr(av.codec, "Codec", without)
+    if len(missing) == len(video_io.H264_ENCODERS):
+        with pytest.raises(RuntimeError, match=r"no working H\.264 encoder; write a \.gif or \.webp"):
+            video_io.write_frames(tmp_path / "clip.mp4", np.zeros((2, 16, 16, 3), np.uint8))
+        assert list(tmp_path.iterdir()) == []
+        return
+    name = video_io.h264_encoder()
+    assert name not in missing
+    video_io.write_frames(tmp_path / "clip.mp4", np.zeros((2, 16, 16, 3), np.uint8))
+    with av.open(str(tmp_path / "clip.mp4")) as container:
+        assert container.streams.video[0].codec_context.name == "h264"
+        assert container.streams.video[0].frames == 2
+
+
+# --- 14: a refused pickle quotes torch's reason without terminal codes --------------------------
+
+def test_a_refused_pickle_names_what_it_holds_without_ansi_codes(tmp_path):
+    from tcan_core.models.state_dict import load_state_dict_file
+
+    path = tmp_path / "pickled.ckpt"
+    torch.save({"w": torch.zeros(2), "args": argparse.Namespace(lr=1)}, path)
+    with pytest.raises(ModelFileError) as err:
+        load_state_dict_file(path)
+    message = str(err.value)
+    assert "\x1b" not in message and "argparse.Namespace" in message
+    assert "weights_only=False" not in message.split("torch said:")[1]
+
+
+# --- 15: without a name, the first file the loaders accept, and the output says which -----------
+
+def test_the_first_usable_model_is_picked_and_named(tiny_tree, tmp_path):
+    for folder in ("checkpoints", "animatediff_models", "controlnet"):
+        shutil.copytree(tiny_tree.root / folder, tmp_path / folder)
+    (tmp_path / "checkpoints" / "a_truncated.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    (tmp_path / "animatediff_models" / "a_lora.safetensors").symlink_to(tiny_tree.files["sd15_safetensors"])
+    chosen = pipeline.pick_models(ModelFolders(tmp_path), pipeline.AnimateOptions())
+    assert chosen["checkpoints"].path.name == "tiny_sd15.ckpt"
+    assert "skipped 1 file(s) the loader refuses: a_truncated.safetensors" in chosen["checkpoints"].line
+    assert chosen["animatediff_models"].path.name == "tiny_mm_v1.ckpt"
+    assert "a_lora.safetensors" in chosen["animatediff_models"].line
+    doctor = {r.slot.key: {f.name: f.usable for f in r.files} for r in run_doctor(ModelFolders(tmp_path))}
+    assert doctor["sd15"]["a_truncated.safetensors"] is False and doctor["sd15"]["tiny_sd15.ckpt"] is True
+    with pytest.raises(ModelFormatError, match="not an SD1.5 AnimateDiff motion module"):
+        pipeline.pick_models(ModelFolders(tmp_path), pipeline.AnimateOptions(motion_module="a_lora.safetensors"))
+
+
+def test_no_usable_model_lists_what_was_refused(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "broken.ckpt").write_bytes(b"PK\x03\x04 not really")
+    with pytest.raises(FileNotFoundError, match=r"no usable SD1.5 checkpoint found.*broken\.ckpt.*doctor"):
+        pipeline.pick_model(ModelFolders(tmp_path), "checkpoints", None)
+
+
+# --- 17: the demo without the onnx package --------------------------------------------------------
+
+def test_the_demo_without_onnx_says_which_package_to_install(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    assert main(["demo", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "'onnx' package" in err and "pip install onnx" in err
+    assert main(["tiny-models", "--out", str(tmp_path)]) == 2
+    assert not (tmp_path / "models").exists() and cli.MissingPackageError

@@ -472,3 +472,23 @@ def test_the_demo_without_onnx_says_which_package_to_install(tmp_path, monkeypat
     assert "'onnx' package" in err and "pip install onnx" in err
     assert main(["tiny-models", "--out", str(tmp_path)]) == 2
     assert not (tmp_path / "models").exists() and cli.MissingPackageError
+
+
+# --- 4: TPC with a reference image that is not the one its pose came from ------------------------
+
+def test_tpc_with_a_reference_of_another_aspect_names_both_sizes(caplog):
+    from tcan_core.demo_scene import character_image, character_pose, driving_dance
+    from tcan_core.tpc import calibrate
+
+    pose = character_pose()
+    image = character_image(pose).astype(np.float32) / 255.0
+    height, width = image.shape[:2]
+    dance = driving_dance(frames=2)
+    square = np.zeros((width, width, 3), np.float32)
+    with pytest.raises(ValueError, match=rf"on a {pose.width}x{pose.height} canvas.* reference image is {width}x{width}"
+                                         r".*Connect the same image"):
+        calibrate(square, pose, dance, keypoint_set="body")
+    # A copy resized with rounding (here 1% taller) is still accepted.
+    taller = np.zeros((round(height * 1.01), width, 3), np.float32)
+    taller[:height] = image
+    assert calibrate(taller, pose, dance, keypoint_set="body").num_frames == 2

@@ -492,3 +492,20 @@ def test_tpc_with_a_reference_of_another_aspect_names_both_sizes(caplog):
     taller = np.zeros((round(height * 1.01), width, 3), np.float32)
     taller[:height] = image
     assert calibrate(taller, pose, dance, keypoint_set="body").num_frames == 2
+
+
+# --- README ----------------------------------------------------------------------------------------
+
+def test_readme_names_the_schedulers_the_folders_and_ignores_the_demo_output():
+    from conftest import ROOT
+    from tcan_core.animation.schedulers import SCHEDULERS
+    from tcan_core.model_folders import FOLDERS
+
+    readme = (ROOT / "README.md").read_text()
+    sampler_row = next(line for line in readme.splitlines() if line.startswith("| TCAN Sampler |"))
+    assert "/".join(SCHEDULERS) in sampler_row
+    for folder in FOLDERS:
+        assert f"`{folder}`" in readme, folder
+    assert "`annotator`" in readme and "never installs or replaces torch" not in readme
+    ignored = (ROOT / ".gitignore").read_text().split()
+    assert "/demo_out/" in ignored

@@ -83,7 +83,8 @@ def test_demo_runs_the_graph_and_animate_runs_on_its_outputs(tmp_path, capsys):
     capsys.readouterr()
     assert main(args + ["--width", "72", "--height", "96"]) == 0
     printed = capsys.readouterr().out
-    assert "wrote 5 frames (72x96)" in printed or "PNG frames" in printed
+    # An mp4 is always written (H.264 through PyAV); there is no silent fallback to PNG frames.
+    assert "wrote 5 frames (72x96): H.264 video" in printed and out.stat().st_size > 0
 
     assert main(args + ["--width", "70", "--height", "96"]) == 2
     assert "width must be a multiple of 8" in capsys.readouterr().err

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import node
+from conftest import node, result
 from tcan_core.animation.sampler import SamplerSettings, fit_images, sample_animation
 from tcan_core.animation.vae import DiffusersVAE
 from tcan_core.pose_format import parse_pose_keypoint
@@ -111,6 +111,8 @@ def test_a_linked_model_file_and_folder_are_listed_and_load(pack, linked_root):
         for name in names:
             assert Path(host.model_path("checkpoints", name)).exists()
         assert load_sd15(host.model_path("checkpoints", "linked.safetensors"), unet_only=True).unet is not None
+        (report,), _ = result(node(pack, "TCANModelCheck").check(True))
+        assert "+ linked.safetensors: checkpoint for SD1.5" in report
         for name in ("../models/checkpoints/linked.safetensors", str(linked_root / "checkpoints" / "linked.safetensors")):
             with pytest.raises(ValueError, match="no absolute paths, no '..'"):
                 host.model_path("checkpoints", name)

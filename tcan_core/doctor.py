@@ -150,14 +150,22 @@ def _inspect(slot: Slot, folders: ModelFolders, inspect: bool) -> SlotReport:
             path = _resolve(folders, searched, n)
             what, ok = _classify_weights(slot, Path(path)) if inspect else ("not inspected", True)
         except (ModelFileError, OSError) as exc:
-            what, ok = f"unreadable: {exc}", False
+            what, ok = f"unreadable: {_without_path(exc, path)}", False
         except ModelFormatError as exc:
-            what, ok = f"refused by the loader: {exc}", False
+            what, ok = f"refused by the loader: {_without_path(exc, path)}", False
         except Exception as exc:  # noqa: BLE001 - one unreadable file must not hide the rest of the report
             log.debug("doctor could not read %s", n, exc_info=True)
-            what, ok = f"unreadable: {type(exc).__name__}: {exc}", False
+            what, ok = f"unreadable: {type(exc).__name__}: {_without_path(exc, path)}", False
         report.files.append(FoundFile(n, path, what, ok))
     return report
+
+
+def _without_path(exc: Exception, path: str) -> str:
+    """A loader's message with the file's full path shortened: the report already names the file."""
+    text = str(exc)
+    if not path:
+        return text
+    return text.replace(f"{path}: ", "").replace(path, "the file")
 
 
 def _resolve(folders: ModelFolders, searched: list[str], name: str) -> str:

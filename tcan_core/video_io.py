@@ -32,9 +32,11 @@ H264_ENCODERS = ("libx264", "libopenh264", "h264_nvenc", "h264_qsv", "h264_amf",
 
 
 def check_output_path(path: str | os.PathLike) -> str:
-    """The kind of output ``path`` asks for ('h264', 'gif', 'webp' or 'png'); a clear error for anything else."""
+    """The kind of output ``path`` asks for ('h264', 'gif', 'webp' or 'png'); a clear error for anything else,
+    and for H.264 when no encoder works (so a run can stop before its heavy work)."""
     suffix = Path(path).suffix.lower()
     if suffix in H264_SUFFIXES:
+        h264_encoder()
         return "h264"
     if suffix in ANIMATED_SUFFIXES:
         return suffix[1:]
@@ -92,7 +94,7 @@ def h264_encoder() -> str:
             continue
         if _opens(name):
             return name
-    raise RuntimeError("this PyAV/FFmpeg build has no working H.264 encoder; write a .gif or .webp, or PNG frames "
+    raise ValueError("this PyAV/FFmpeg build has no working H.264 encoder; write a .gif or .webp, or PNG frames "
                        "(an output path without an extension), or install the PyAV wheel from PyPI "
                        "(pip install av), which includes libx264")
 

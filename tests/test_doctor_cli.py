@@ -37,7 +37,7 @@ def test_doctor_explains_what_is_missing(tmp_path):
     (tmp_path / "checkpoints" / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
     text = format_report(run_doctor(ModelFolders(tmp_path)))
     assert "[MISSING] SD1.5 base checkpoint" in text
-    assert "- xl.safetensors: checkpoint for SDXL" in text
+    assert "- xl.safetensors: refused by the loader: the file is an SDXL checkpoint" in text
     assert re.search(r"- broken\.safetensors: unreadable: .*truncated or corrupt", text)
     assert f"searched: {tmp_path / 'controlnet'}" in text
     assert "control_v11p_sd15_openpose.pth" in text and "huggingface.co/lllyasviel/ControlNet-v1-1" in text

@@ -414,7 +414,7 @@ def test_h264_encoder_falls_back_to_another_that_works_or_says_what_to_do(monkey
 
     monkeypatch.setattr(av.codec, "Codec", without)
     if len(missing) == len(video_io.H264_ENCODERS):
-        with pytest.raises(RuntimeError, match=r"no working H\.264 encoder; write a \.gif or \.webp"):
+        with pytest.raises(ValueError, match=r"no working H\.264 encoder; write a \.gif or \.webp"):
             video_io.write_frames(tmp_path / "clip.mp4", np.zeros((2, 16, 16, 3), np.uint8))
         assert list(tmp_path.iterdir()) == []
         return

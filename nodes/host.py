@@ -24,6 +24,7 @@ from tcan_core.model_folders import (
     ModelFolders,
     list_model_files,
     resolve_in_folders,
+    with_sub_folders,
 )
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def register_model_folders() -> None:
 def folder_paths_for(folder: str) -> list[str]:
     """Directories searched for a model folder."""
     if IN_COMFYUI:
-        return list(_folder_paths.get_folder_paths(folder))
+        return with_sub_folders(folder, _folder_paths.get_folder_paths(folder), _folder_paths.get_folder_paths)
     return _fallback_folders.paths(folder)
 
 

@@ -22,7 +22,23 @@ def _doctor(args: argparse.Namespace) -> int:
     return 0 if all(r.found for r in reports if r.slot.required) else 1
 
 
+class MissingPackageError(ImportError):
+    """A command needs a package that is not installed; the message names it and the pip command."""
+
+
+def _require_onnx(command: str) -> None:
+    """The tiny pose and face models are written with the ``onnx`` package, which only requirements-dev.txt installs."""
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise MissingPackageError(
+            f"`{command}` writes tiny ONNX pose and face models with the 'onnx' package, which is not installed "
+            "(requirements.txt leaves it out: the nodes do not need it). Install it with `pip install onnx` "
+            "(or `pip install -r requirements-dev.txt`), then run the command again.") from None
+
+
 def _tiny_models(args: argparse.Namespace) -> int:
+    _require_onnx("tiny-models")
     from .tiny.tree import write_demo_tree
 
     tree = write_demo_tree(args.out)
@@ -32,23 +48,51 @@ def _tiny_models(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    _require_onnx("demo")
     from .demo import run_demo
 
     for line in run_demo(Path(args.out)):
-        print(line)
+        print(line, flush=True)
     return 0
 
 
-def _animate(args: argparse.Namespace) -> int:
-    import numpy as np
+def _say(line: str) -> None:
+    """One finished stage, printed at once (also when the output is piped to a file or another program)."""
+    print(line, flush=True)
+
+
+def _progress_bar(**kwargs):
+    """tqdm on stderr, shown also when stderr is not a terminal (piped), with fewer updates there."""
     from tqdm.auto import tqdm
 
-    from .model_folders import ModelFolders
-    from .pipeline import AnimateOptions, animate, extract_poses_from, load_driving, read_image, write_video
+    interactive = sys.stderr.isatty()
+    return tqdm(file=sys.stderr, disable=False, mininterval=0.1 if interactive else 5.0, **kwargs)
 
+
+def _animate(args: argparse.Namespace) -> int:
+    from .model_folders import ModelFolders
+    from .pipeline import (AnimateOptions, animate, check_driving_path, check_options, extract_poses_from,
+                           load_driving, pick_models)
+    from .video_io import check_output_path, read_image, read_video, write_frames
+
+    # 1. Every setting, the output's format and the input files, before any heavy work.
+    options = AnimateOptions(checkpoint=args.checkpoint, motion_module=args.motion_module, controlnet=args.controlnet,
+                             width=args.width, height=args.height, steps=args.steps, cfg=args.cfg,
+                             scheduler=args.scheduler, seed=args.seed, tau=args.tau, tpc=not args.no_tpc,
+                             max_frames=args.max_frames, retarget_mode=args.retarget_mode)
+    check_options(options)
+    if args.fps is not None and not args.fps > 0:
+        raise ValueError(f"--fps must be above 0, got {args.fps}; leave it out to use the driving video's frame rate")
+    check_output_path(args.out)
+    driving_kind = check_driving_path(args.driving)
+    for what, path in (("reference image", args.reference), ("reference pose", args.reference_pose)):
+        if path is not None and not Path(path).exists():
+            raise FileNotFoundError(f"the {what} {path} does not exist; check the path")
     models = ModelFolders(args.models)
+    chosen = pick_models(models, options)
     reference = read_image(args.reference)
-    driving, fps = load_driving(args.driving, models, args.max_frames)
+
+    # 2. Poses, model and sampling, each stage printed as it finishes.
     if args.reference_pose:
         from .pose.pose_json import load_pose_json
         from .pose_format import parse_pose_keypoint
@@ -56,26 +100,20 @@ def _animate(args: argparse.Namespace) -> int:
         reference_pose = parse_pose_keypoint(load_pose_json(args.reference_pose))
     else:
         reference_pose = extract_poses_from(reference[None], models.paths("tcan_pose"))
-    options = AnimateOptions(checkpoint=args.checkpoint, motion_module=args.motion_module, controlnet=args.controlnet,
-                             width=args.width, height=args.height, steps=args.steps, cfg=args.cfg,
-                             scheduler=args.scheduler, seed=args.seed, tau=args.tau, tpc=not args.no_tpc,
-                             max_frames=args.max_frames, retarget_mode=args.retarget_mode)
-    with tqdm(desc="TCAN", unit="window", disable=None) as bar:
+        _say(f"reference pose from DWPose on {args.reference}")
+    if driving_kind == "json":
+        driving, fps = load_driving(args.driving, models, args.max_frames)
+    else:
+        frames, fps = read_video(args.driving, args.max_frames)
+        with _progress_bar(desc="DWPose on the driving video", total=len(frames), unit="frame") as bar:
+            driving = extract_poses_from(frames, models.paths("tcan_pose"), progress=bar.update)
+    _say(f"{driving.num_frames} driving poses from {args.driving}")
+    with _progress_bar(desc="TCAN sampling", unit="window") as bar:
         result = animate(reference, driving, models, reference_pose, options,
-                         progress=lambda n, preview: bar.update(n))
-    for line in result.report:
-        print(line)
-    out = Path(args.out)
-    if not write_video(out, result.frames, args.fps or fps):
-        frames_dir = out.with_suffix("")
-        frames_dir.mkdir(parents=True, exist_ok=True)
-        for i, frame in enumerate(result.frames):
-            import cv2
-
-            cv2.imwrite(str(frames_dir / f"{i:05d}.png"), np.ascontiguousarray(frame[..., ::-1]))
-        print(f"no mp4 encoder available; wrote {len(result.frames)} PNG frames to {frames_dir}")
-        return 0
-    print(f"wrote {len(result.frames)} frames ({result.frames.shape[2]}x{result.frames.shape[1]}) to {out}")
+                         progress=lambda n, preview: bar.update(n), chosen=chosen, on_stage=_say)
+    written = write_frames(args.out, result.frames, args.fps if args.fps is not None else fps)
+    height, width = result.frames.shape[1:3]
+    _say(f"wrote {len(result.frames)} frames ({width}x{height}): {written}")
     return 0
 
 
@@ -107,16 +145,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-pose", metavar="JSON",
                    help="POSE_KEYPOINT JSON of the reference (default: DWPose on the reference image)")
     p.add_argument("--models", default="models", metavar="DIR", help="models root with ComfyUI's sub-folders")
-    p.add_argument("--out", required=True, metavar="OUT.mp4", help="video to write")
-    p.add_argument("--checkpoint", help="SD1.5 checkpoint name in DIR/checkpoints (default: the first one)")
-    p.add_argument("--motion-module", help="motion module name in DIR/animatediff_models (default: the first one)")
-    p.add_argument("--controlnet", help="OpenPose ControlNet name in DIR/controlnet (default: the first one)")
-    p.add_argument("--width", type=int, help="output width (multiple of 8); default: the reference's aspect at 512x512 area")
-    p.add_argument("--height", type=int, help="output height (multiple of 8)")
+    p.add_argument("--out", required=True, metavar="OUT",
+                   help="what to write, by extension: .mp4/.mov/.mkv (H.264), .gif or .webp (animated, every frame), "
+                        "or a path without an extension for a folder of PNG frames")
+    p.add_argument("--checkpoint", help="SD1.5 checkpoint name in DIR/checkpoints (default: the first one the loader accepts)")
+    p.add_argument("--motion-module", help="motion module name in DIR/animatediff_models (default: the first one the loader accepts)")
+    p.add_argument("--controlnet", help="OpenPose ControlNet name in DIR/controlnet (default: the first one the loader accepts)")
+    p.add_argument("--width", type=int, help="output width (multiple of 8); alone, the height follows the reference's aspect; "
+                        "default: the reference's aspect at 512x512 area")
+    p.add_argument("--height", type=int, help="output height (multiple of 8); alone, the width follows the reference's aspect")
     p.add_argument("--steps", type=int, default=25, help="sampling steps (TCAN: 25)")
     p.add_argument("--cfg", type=float, default=7.5, help="guidance scale (TCAN: 7.5)")
     p.add_argument("--scheduler", default="DDIM", help="DDIM, Euler, Euler ancestral, DPM++ 2M or UniPC")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise, 0 to 2**64-1 (as the Sampler node)")
     p.add_argument("--tau", type=float, default=3.0, help="PTM tau (TCAN: 3; 0 turns PTM off)")
     p.add_argument("--no-tpc", action="store_true", help="skip TPC calibration of the reference")
     p.add_argument("--max-frames", type=int, help="use only the first N driving frames")
@@ -145,6 +186,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, MissingPackageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

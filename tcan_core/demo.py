@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-import cv2
 import numpy as np
 import torch
 
@@ -31,7 +30,8 @@ from .pose.smooth import smooth_poses
 from .tiny.tree import write_demo_tree
 from .tpc import calibrate
 from .tpc.preview import preview_frames
-from .pipeline import AnimateOptions, animate, write_video
+from .pipeline import AnimateOptions, animate
+from .video_io import write_frames
 from .pose.pose_json import save_pose_json
 from .pose_format import to_pose_keypoint
 
@@ -41,7 +41,9 @@ DEMO_AREA = 120 * 160
 
 
 def _save_png(path: Path, image: np.ndarray) -> None:
-    cv2.imwrite(str(path), np.ascontiguousarray(image[..., ::-1]))
+    from PIL import Image
+
+    Image.fromarray(np.ascontiguousarray(image)).save(path, format="PNG")
 
 
 def _sheet(frames: np.ndarray, step: int) -> np.ndarray:
@@ -83,7 +85,8 @@ def run_demo(out: Path) -> Iterator[str]:
     retargeted = retarget_poses(character, smoothed, canvas="reference")
     rendered = render_poses(retargeted.poses)
     _save_png(out / "pose_retargeted.png", _sheet(rendered, 4))
-    video = "and pose_retargeted.mp4" if write_video(out / "pose_retargeted.mp4", rendered) else "(no mp4 encoder)"
+    write_frames(out / "pose_retargeted.mp4", rendered)
+    video = "and pose_retargeted.mp4"
     yield (f"poses: {dance.num_frames} driving frames smoothed and retargeted to the character "
            f"(body scale {retargeted.body_scale:.2f}); wrote pose_retargeted.png {video}")
 
@@ -92,14 +95,15 @@ def run_demo(out: Path) -> Iterator[str]:
     _save_png(out / "tpc_preview.png", _sheet(preview, 4))
     yield f"{cal.summary().splitlines()[0]} Wrote tpc_preview.png."
 
-    options = AnimateOptions(steps=DEMO_STEPS, area=DEMO_AREA, tau=3.0, tpc=True, checkpoint="tiny_sd15.safetensors",
-                             motion_module="tiny_mm_v2.ckpt", controlnet="tiny_openpose.safetensors")
+    # The model files are picked as `animate` picks them (the first each loader accepts), so the two agree.
+    options = AnimateOptions(steps=DEMO_STEPS, area=DEMO_AREA, tau=3.0, tpc=True)
     started = time.perf_counter()
     result = animate(reference, dance, ModelFolders(tree.root), reference_pose=character, options=options)
     for line in result.report:
         yield line
     _save_png(out / "animation.png", _sheet(result.frames, 4))
-    video = "and animation.mp4" if write_video(out / "animation.mp4", result.frames) else "(no mp4 encoder)"
+    write_frames(out / "animation.mp4", result.frames)
+    video = "and animation.mp4"
     if result.temperature is not None:
         _save_png(out / "temperature_map.png", (np.repeat(result.temperature[..., None], 3, -1) * 255).astype(np.uint8))
     height, width = result.frames.shape[1:3]

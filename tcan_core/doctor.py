@@ -8,15 +8,19 @@ which file names fit and where the file is published.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .model_folders import SLOTS, ModelFolders, Slot
-from .models.controlnet import detect_controlnet_source
-from .models.detect import SD15, Detection, detect_motion_module, guess_other_kind
+from .models.controlnet import check_controlnet
+from .models.detect import guess_other_kind
 from .models.errors import ModelFileError, ModelFormatError
-from .models.sd15 import detect_sd15_source
+from .models.motion import check_motion_module
+from .models.sd15 import check_sd15
 from .models.state_dict import read_shapes
+from .models.tcan_ckpt import (APPEARANCE_UNET, KIND_DESCRIPTIONS, KIND_NODES, TCAN_UNET, TEMPORAL_CONTROLNET, UNKNOWN,
+                               detect_tcan_checkpoint, strip_module_prefix)
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +47,25 @@ class SlotReport:
         return any(f.usable for f in self.files)
 
 
+# Why a recognised file is not taken, for the slots whose files are told apart by content.
+_CLIP_H_WIDTH = 1280
+_SD15_CONTEXT = 768
+
+
 def _classify_weights(slot: Slot, path: Path) -> tuple[str, bool]:
-    """(description, usable) for one weights file or diffusers folder in ``slot``."""
+    """(description, usable) for one weights file or diffusers folder in ``slot``.
+
+    The SD1.5 checkpoint, ControlNet and motion-module slots run their loaders' own checks
+    (keys, shapes, base model), so a file marked usable here is one the loader accepts.
+    """
     if slot.kind == "sd15":
-        det = detect_sd15_source(path)
-        ok = det.kind == "checkpoint" and det.base == SD15 and det.details.get("in_channels", 4) == 4 \
-            and "missing" not in det.details.values()
-        return det.describe(), ok
+        return check_sd15(path).describe(), True
     if slot.kind == "controlnet":
-        det = detect_controlnet_source(path)
-        return det.describe(), det.kind == "controlnet" and det.base == SD15
+        return check_controlnet(path).describe(), True
+    if slot.kind == "motion":
+        return check_motion_module(path).describe(), True
     if path.is_dir():
-        return "a folder", False
+        return "a folder (not a model file this slot reads)", False
     if slot.kind == "metrics":
         from .metrics.weights import describe, identify
 
@@ -63,27 +74,49 @@ def _classify_weights(slot: Slot, path: Path) -> tuple[str, bool]:
     if path.suffix.lower() == ".onnx":
         return "an ONNX model (its role is read when the node loads it)", True
     shapes = read_shapes(path)
-    if slot.kind == "motion":
-        det: Detection = detect_motion_module(shapes)
-        return det.describe(), det.kind == "motion" and det.base == SD15 and "version" in det.details
+    if slot.kind == "tcan":
+        adapter = _face_adapter_kind(shapes, path)
+        if adapter is not None:
+            return f"{adapter} face adapter (not taken by this slot): choose it in TCAN Face ID", False
+        kind = detect_tcan_checkpoint(strip_module_prefix(shapes, str(path)))
+        if kind == UNKNOWN:
+            return f"{guess_other_kind(shapes)}; not taken: not a TCAN checkpoint", False
+        usable = kind in (APPEARANCE_UNET, TCAN_UNET, TEMPORAL_CONTROLNET)
+        return f"{KIND_DESCRIPTIONS[kind]}" + ("" if usable else " (not taken by this slot)") + f": {KIND_NODES[kind]}", usable
     if slot.key == "clip_vision":
         patch = next((s for k, s in shapes.items() if k.endswith("patch_embedding.weight")), None)
         if patch is None:
-            return guess_other_kind(shapes), False
-        size = {1280: "ViT-H/14", 1024: "ViT-L/14", 1664: "ViT-bigG/14"}.get(int(patch[0]), f"width {patch[0]}")
-        return f"CLIP vision encoder {size}", int(patch[0]) == 1280
+            return f"{guess_other_kind(shapes)}; not taken: this slot needs a CLIP image encoder", False
+        width = int(patch[0])
+        size = {1280: "ViT-H/14", 1024: "ViT-L/14", 1664: "ViT-bigG/14"}.get(width, f"width {width}")
+        if width != _CLIP_H_WIDTH:
+            return (f"CLIP vision encoder {size}; not taken: ID-Animator and IP-Adapter FaceID need ViT-H/14 "
+                    f"(width {_CLIP_H_WIDTH}), this one has width {width}"), False
+        return f"CLIP vision encoder {size}", True
     if slot.key == "id_adapter":
-        from .face.adapters import detect_face_adapter
-
-        try:
-            kind = detect_face_adapter(shapes, str(path))
-        except ModelFormatError:
-            return guess_other_kind(shapes), False
+        name = _face_adapter_kind(shapes, path)
+        if name is None:
+            kind = detect_tcan_checkpoint(strip_module_prefix(shapes, str(path)))
+            other = KIND_DESCRIPTIONS[kind] if kind != UNKNOWN else guess_other_kind(shapes)
+            return f"{other}; not taken: this slot needs a face adapter", False
         widths = {s[1] for k, s in shapes.items() if k.endswith(("to_k_ip.weight", "to_k_face.weight"))}
         width = ", ".join(str(w) for w in sorted(widths)) or "unknown"
-        name = {"id-animator": "ID-Animator", "ip-adapter-faceid": "IP-Adapter FaceID"}.get(kind, kind)
-        return f"{name} face adapter (cross-attention width {width})", widths == {768}
+        what = f"{name} face adapter (cross-attention width {width})"
+        if widths != {_SD15_CONTEXT}:
+            return f"{what}; not taken: SD1.5 needs cross-attention width {_SD15_CONTEXT}", False
+        return what, True
     return guess_other_kind(shapes), True
+
+
+def _face_adapter_kind(shapes: dict, path: Path) -> str | None:
+    """'ID-Animator' or 'IP-Adapter FaceID' when the file is a face adapter, else None."""
+    from .face.adapters import detect_face_adapter
+
+    try:
+        kind = detect_face_adapter(shapes, str(path))
+    except ModelFormatError:
+        return None
+    return {"id-animator": "ID-Animator", "ip-adapter-faceid": "IP-Adapter FaceID"}.get(kind, kind)
 
 
 def _insightface_packs(names: list[str]) -> dict[str, list[str]]:
@@ -106,23 +139,38 @@ def _inspect(slot: Slot, folders: ModelFolders, inspect: bool) -> SlotReport:
             report.files.append(FoundFile(f"models/{pack}", "", f"{len(files)} ONNX files", True))
         return report
     if slot.kind == "onnx_pair":
-        hits = [n for n in names if Path(n).name in wanted]
+        hits = _unique(folders, searched, [n for n in names if Path(n).name in wanted])
         complete = wanted <= {Path(n).name for n in hits}
-        report.files += [FoundFile(n, "", "ONNX" + ("" if complete else " (its pair is missing)"), complete)
-                         for n in hits]
+        missing = ", ".join(sorted(wanted - {Path(n).name for n in hits}))
+        report.files += [FoundFile(n, "", "ONNX" + ("" if complete else f"; not taken: its pair {missing} is missing"),
+                                   complete) for n in hits]
         return report
     if slot.kind == "files" and slot.key not in _CLASSIFIED_BY_CONTENT:
         names = [n for n in names if Path(n).name in wanted]
     else:
         names = [n for n in names if not n.endswith(".onnx")]
-    for n in names:
-        path = Path(_resolve(folders, searched, n))
+    for n in _unique(folders, searched, names):
+        path = ""
         try:
-            what, ok = _classify_weights(slot, path) if inspect else ("not inspected", True)
-        except (ModelFileError, ModelFormatError, OSError, KeyError, ValueError) as exc:
-            what, ok = f"unreadable: {exc}", False
-        report.files.append(FoundFile(n, str(path), what, ok))
+            path = _resolve(folders, searched, n)
+            what, ok = _classify_weights(slot, Path(path)) if inspect else ("not inspected", True)
+        except (ModelFileError, OSError) as exc:
+            what, ok = f"unreadable: {_without_path(exc, path)}", False
+        except ModelFormatError as exc:
+            what, ok = f"refused by the loader: {_without_path(exc, path)}", False
+        except Exception as exc:  # noqa: BLE001 - one unreadable file must not hide the rest of the report
+            log.debug("doctor could not read %s", n, exc_info=True)
+            what, ok = f"unreadable: {type(exc).__name__}: {_without_path(exc, path)}", False
+        report.files.append(FoundFile(n, path, what, ok))
     return report
+
+
+def _without_path(exc: Exception, path: str) -> str:
+    """A loader's message with the file's full path shortened: the report already names the file."""
+    text = str(exc)
+    if not path:
+        return text
+    return text.replace(f"{path}: ", "").replace(path, "the file")
 
 
 def _resolve(folders: ModelFolders, searched: list[str], name: str) -> str:
@@ -131,7 +179,24 @@ def _resolve(folders: ModelFolders, searched: list[str], name: str) -> str:
             return folders.resolve(folder, name)
         except FileNotFoundError:
             continue
-    raise FileNotFoundError(name)
+    raise FileNotFoundError(f"{name} is listed but cannot be opened in {', '.join(searched)} "
+                            "(a broken link, or it was removed while the check ran)")
+
+
+def _unique(folders: ModelFolders, searched: list[str], names: list[str]) -> list[str]:
+    """``names`` without a second name for a file already listed (a folder searched inside another)."""
+    seen: set[str] = set()
+    out = []
+    # The shortest name of a file wins: the one relative to the innermost folder searched.
+    for n in sorted(names, key=lambda n: (len(Path(n).parts), n)):
+        try:
+            key = os.path.abspath(_resolve(folders, searched, n))
+        except (FileNotFoundError, ValueError):
+            key = n
+        if key not in seen:
+            seen.add(key)
+            out.append(n)
+    return sorted(out)
 
 
 def run_doctor(folders: ModelFolders, inspect: bool = True) -> list[SlotReport]:
@@ -139,9 +204,16 @@ def run_doctor(folders: ModelFolders, inspect: bool = True) -> list[SlotReport]:
     return [_inspect(slot, folders, inspect) for slot in SLOTS]
 
 
+LEGEND = (
+    "How to read this report: [ok] a usable file was found for the model; [MISSING] the model is required "
+    "and no usable file was found; [optional, not found] the model is optional and no usable file was found. "
+    "Under each model: '+' a file the pack can use, '-' a file that is there but not taken, with the reason."
+)
+
+
 def format_report(reports: list[SlotReport]) -> str:
     """A plain-text report: per slot, what was found and, where nothing usable was, what to do."""
-    lines = []
+    lines = [LEGEND, ""]
     for r in reports:
         mark = "ok" if r.found else ("MISSING" if r.slot.required else "optional, not found")
         lines.append(f"[{mark}] {r.slot.title}")

@@ -10,9 +10,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
-from .paths import safe_join
 
 WEIGHT_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
 ONNX_EXTENSIONS = (".onnx",)
@@ -36,6 +35,22 @@ FOLDERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 # parent (its default is custom_nodes/comfyui_controlnet_aux/ckpts); searched so users do not
 # download pose models twice.
 CONTROLNET_AUX_CKPT_DIRS = ("custom_nodes/comfyui_controlnet_aux/ckpts",)
+
+# A folder also searched in (a sub-folder of) every directory of another folder: DWPose files
+# anywhere under a ``tcan`` folder (its default place is ``tcan/pose``) are found wherever that
+# folder is, including one set for ``tcan`` in extra_model_paths.yaml.
+SUB_FOLDERS: dict[str, tuple[tuple[str, str], ...]] = {"tcan_pose": (("tcan", ""),)}
+
+
+def with_sub_folders(folder: str, own: Iterable[str], paths_of: Callable[[str], Iterable[str]]) -> list[str]:
+    """``own`` directories of ``folder`` followed by its sub-folders of other folders (:data:`SUB_FOLDERS`), once each."""
+    out: list[str] = []
+    linked = [os.path.join(p, sub) if sub else str(p) for parent, sub in SUB_FOLDERS.get(folder, ())
+              for p in paths_of(parent)]
+    for d in [*own, *linked]:
+        if os.path.normpath(d) not in {os.path.normpath(o) for o in out}:
+            out.append(d)
+    return out
 
 
 @dataclass(frozen=True)
@@ -151,6 +166,8 @@ class ModelFolders:
             if folder == "tcan_pose":
                 out += [str(self.root.parent / d) for d in CONTROLNET_AUX_CKPT_DIRS]
         out += self.extra.get(folder, [])
+        if folder in SUB_FOLDERS:
+            out = with_sub_folders(folder, out, self.paths)
         return out
 
     def extensions(self, folder: str) -> tuple[str, ...]:
@@ -172,43 +189,61 @@ def is_diffusers_folder(path: str | os.PathLike) -> bool:
 
 
 def list_model_files(dirs: Iterable[str], extensions: Iterable[str]) -> list[str]:
-    """Files with one of ``extensions`` (and diffusers folders) below ``dirs``, as relative names."""
+    """Files with one of ``extensions`` (and diffusers folders) below ``dirs``, as relative names.
+
+    Symbolic links to files and folders are followed, as ComfyUI's own loaders follow them; a
+    broken link is not listed, so every name listed is one :func:`resolve_in_folders` finds.
+    """
     exts = tuple(e.lower() for e in extensions)
     found: set[str] = set()
     for d in dirs:
         base = Path(d)
         if not base.is_dir():
             continue
+        visited: set[str] = set()
         for dirpath, subdirs, files in os.walk(base, followlinks=True):
             here = Path(dirpath)
+            real = os.path.realpath(here)
+            if real in visited:
+                # A link back to a folder already walked (a loop): its files are listed once.
+                subdirs[:] = []
+                continue
+            visited.add(real)
             if here != base and is_diffusers_folder(here):
                 found.add(here.relative_to(base).as_posix())
                 subdirs[:] = []
                 continue
             subdirs[:] = [s for s in subdirs if not s.startswith(".")]
             for f in files:
-                if f.lower().endswith(exts):
+                if f.lower().endswith(exts) and (here / f).is_file():
                     found.add((here / f).relative_to(base).as_posix())
     return sorted(found)
+
+
+def model_join(directory: str | os.PathLike, name: str, folder: str = "model") -> Path:
+    """``directory / name`` for a model name from a widget or the command line.
+
+    The *name* may not leave the folder (no absolute path, no ``..``), but symbolic links inside
+    the folder are followed: the folder's owner placed them there, as users do to keep models on
+    another drive, and ComfyUI's own loaders follow them too.
+    """
+    if not name or os.path.isabs(name) or ".." in Path(name).parts or Path(name).drive:
+        raise ValueError(
+            f"model name {name!r} must be a path relative to the {folder!r} model folder "
+            f"(no absolute paths, no '..')"
+        )
+    return Path(os.path.abspath(directory)) / name
 
 
 def resolve_in_folders(folder: str, name: str, dirs: Iterable[str]) -> str:
     """Full path of ``name`` (a file or a diffusers folder) inside ``dirs``.
 
     Names that would leave the folder (absolute paths, ``..``) are refused, so a widget value
-    can never point elsewhere on disk.
+    can never point elsewhere on disk; links placed inside the folder are followed (see :func:`model_join`).
     """
     dirs = list(dirs)
-    if not name or os.path.isabs(name) or ".." in Path(name).parts:
-        raise ValueError(
-            f"model name {name!r} must be a path relative to the {folder!r} model folder "
-            f"(no absolute paths, no '..')"
-        )
     for d in dirs:
-        try:
-            candidate = safe_join(d, name, "model")
-        except ValueError:
-            continue
+        candidate = model_join(d, name, folder)
         if candidate.is_file() or is_diffusers_folder(candidate):
             return str(candidate)
     searched = "\n  ".join(dirs) if dirs else "(no folders registered)"

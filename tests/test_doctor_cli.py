@@ -37,7 +37,7 @@ def test_doctor_explains_what_is_missing(tmp_path):
     (tmp_path / "checkpoints" / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
     text = format_report(run_doctor(ModelFolders(tmp_path)))
     assert "[MISSING] SD1.5 base checkpoint" in text
-    assert "- xl.safetensors: checkpoint for SDXL" in text
+    assert "- xl.safetensors: refused by the loader: the file is an SDXL checkpoint" in text
     assert re.search(r"- broken\.safetensors: unreadable: .*truncated or corrupt", text)
     assert f"searched: {tmp_path / 'controlnet'}" in text
     assert "control_v11p_sd15_openpose.pth" in text and "huggingface.co/lllyasviel/ControlNet-v1-1" in text
@@ -83,7 +83,8 @@ def test_demo_runs_the_graph_and_animate_runs_on_its_outputs(tmp_path, capsys):
     capsys.readouterr()
     assert main(args + ["--width", "72", "--height", "96"]) == 0
     printed = capsys.readouterr().out
-    assert "wrote 5 frames (72x96)" in printed or "PNG frames" in printed
+    # An mp4 is always written (H.264 through PyAV); there is no silent fallback to PNG frames.
+    assert "wrote 5 frames (72x96): H.264 video" in printed and out.stat().st_size > 0
 
     assert main(args + ["--width", "70", "--height", "96"]) == 2
     assert "width must be a multiple of 8" in capsys.readouterr().err

@@ -123,10 +123,13 @@ def test_resolution_never_leaves_the_folder(tmp_path):
     for name in ("../secret.safetensors", "/etc/passwd", ""):
         with pytest.raises(ValueError):
             resolve_in_folders("checkpoints", name, [str(tmp_path / "inside")])
+    # A link the folder's owner placed inside the folder is followed, as ComfyUI's loaders do.
     link = tmp_path / "inside" / "link.safetensors"
     link.symlink_to(tmp_path / "secret.safetensors")
-    with pytest.raises(FileNotFoundError):
-        resolve_in_folders("checkpoints", "link.safetensors", [str(tmp_path / "inside")])
+    assert resolve_in_folders("checkpoints", "link.safetensors", [str(tmp_path / "inside")]) == str(link)
+    for name in ("../inside/link.safetensors", str(link)):
+        with pytest.raises(ValueError):
+            resolve_in_folders("checkpoints", name, [str(tmp_path / "inside")])
 
 
 def test_model_folders_lists_diffusers_folders(tiny_tree):

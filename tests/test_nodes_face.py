@@ -52,6 +52,14 @@ def loaded(pack, demo_models):
 def test_face_packs_are_listed_with_the_usual_names(pack, demo_models):
     packs = pack.NODE_CLASS_MAPPINGS["TCANFaceAnalysis"].INPUT_TYPES()["required"]["face_pack"][0]
     assert {"antelopev2", "buffalo_l"} <= set(packs)
+    # The usual names are always offered; a pack only discovery can know must be listed too.
+    own = demo_models.root / "insightface" / "models" / "my_own_pack"
+    shutil.copytree(demo_models.root / "insightface" / "models" / "buffalo_l", own)
+    try:
+        packs = pack.NODE_CLASS_MAPPINGS["TCANFaceAnalysis"].INPUT_TYPES()["required"]["face_pack"][0]
+    finally:
+        shutil.rmtree(own)
+    assert "my_own_pack" in packs
 
 
 def test_face_analysis_reports_several_faces_and_uses_the_largest(pack, demo_models):
@@ -153,3 +161,16 @@ def test_character_image_node(pack, demo_models, loaded, face):
         SIZE))
     assert image.shape == (1, SIZE, SIZE, 3) and latent["samples"].shape == (1, 4, SIZE // 8, SIZE // 8)
     assert "No Face ID" not in report and "No ControlNet" not in report
+
+
+@pytest.mark.parametrize("call", ["analyze", "measure", "apply"])
+def test_an_empty_batch_into_a_face_node_says_the_batch_is_empty(pack, demo_models, face, call):
+    empty = torch.zeros(0, 64, 64, 3)
+    with pytest.raises(ValueError, match="empty batch"):
+        if call == "analyze":
+            node(pack, "TCANFaceAnalysis").analyze(empty, "buffalo_l", 0.5, -1)
+        elif call == "measure":
+            node(pack, "TCANFaceSimilarity").measure(face, empty, "buffalo_l", 0.5)
+        else:
+            swap = rel(demo_models, "inswapper", "insightface")
+            node(pack, "TCANFacePass").apply(empty, face, True, swap, "buffalo_l", 0.5, 0.1)

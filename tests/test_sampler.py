@@ -14,7 +14,7 @@ from tcan_core.animation.model import TCANModel
 from tcan_core.animation.patches import AppaLoraPatch, ControlNetPatch, MotionPatch, PTMPatch
 from tcan_core.animation.sampler import (NOISE_REPEATED, SamplerSettings, SamplingCancelled, decode_frames,
                                          fit_images, initial_noise, sample_animation)
-from tcan_core.animation.schedulers import SCHEDULERS
+from tcan_core.animation.schedulers import SCHEDULERS, make_scheduler
 from tcan_core.animation.vae import DiffusersVAE
 from tcan_core.models.lora import LoraPatch, appa_targets, parse_lora_state_dict
 from tcan_core.tiny.lora import peft_state_dict, tiny_lora_factors
@@ -157,10 +157,24 @@ def test_appearance_unet_from_a_file_is_used(tiny_parts, full):
     torch.testing.assert_close(run(shared_copy, tiny_parts), run(full, tiny_parts), rtol=0, atol=1e-5)
 
 
+SCHEDULER_CLASSES = {"DDIM": "DDIMScheduler", "Euler": "EulerDiscreteScheduler",
+                     "Euler ancestral": "EulerAncestralDiscreteScheduler",
+                     "DPM++ 2M": "DPMSolverMultistepScheduler", "UniPC": "UniPCMultistepScheduler"}
+
+
+@pytest.fixture(scope="module")
+def every_scheduler(full, tiny_parts):
+    return {name: run(full, tiny_parts, scheduler=name, steps=3) for name in SCHEDULERS}
+
+
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
-def test_every_scheduler_samples(full, tiny_parts, scheduler):
-    out = run(full, tiny_parts, scheduler=scheduler, steps=3)
+def test_every_scheduler_samples(every_scheduler, scheduler):
+    assert type(make_scheduler(scheduler)).__name__ == SCHEDULER_CLASSES[scheduler]
+    out = every_scheduler[scheduler]
     assert bool(torch.isfinite(out).all())
+    # Another integrator on the same noise and model must give other frames.
+    others = [name for name in SCHEDULERS if name != scheduler]
+    assert all(not torch.equal(out, every_scheduler[name]) for name in others)
 
 
 def test_repeated_window_noise_repeats():

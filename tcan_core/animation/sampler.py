@@ -130,7 +130,7 @@ def fit_images(images: torch.Tensor, width: int, height: int, what: str) -> torc
     source, target = src_w / src_h, width / height
     if abs(source / target - 1.0) > ASPECT_TOLERANCE:
         fit_w, fit_h = size_for_aspect(source, width * height)
-        raise ValueError(f"{what} are {src_w}x{src_h} (aspect {source:.3f}) but the sampler's width x height is "
+        raise ValueError(f"{what} {'is' if frames == 1 else 'are'} {src_w}x{src_h} (aspect {source:.3f}) but the sampler's width x height is "
                          f"{width}x{height} (aspect {target:.3f}); set width x height to {fit_w}x{fit_h} "
                          f"(same aspect as the {what}) or crop/render the {what} at {width}x{height}")
     mode = "area" if src_h * src_w > height * width else "bicubic"
@@ -285,7 +285,8 @@ def sample_animation(model: TCANModel, reference: torch.Tensor | None, poses: to
         scheduler.set_timesteps(settings.steps, device=device)
         step_kwargs = {}
         if "generator" in inspect.signature(scheduler.step).parameters:
-            step_kwargs["generator"] = torch.Generator("cpu").manual_seed(int(settings.seed) + 1)
+            # Modulo 2**64: the node allows seeds up to 2**64 - 1, and a generator takes no more.
+            step_kwargs["generator"] = torch.Generator("cpu").manual_seed((int(settings.seed) + 1) % 2**64)
         latents = initial_noise(num_frames, (4, *latent_size), settings.seed, settings.noise,
                                 settings.context_length).to(device=device, dtype=torch.float32)
         latents = latents * scheduler.init_noise_sigma

@@ -349,7 +349,13 @@ def check_images(images: torch.Tensor, what: str = "image") -> None:
     """Raise a clear ValueError unless ``images`` is a ComfyUI IMAGE ``[B,H,W,3]``."""
     if not isinstance(images, torch.Tensor):
         raise ValueError(f"the {what} input must be an IMAGE tensor [B,H,W,3], got {type(images).__name__}")
-    if images.ndim != 4 or images.shape[-1] != 3 or images.shape[0] < 1 or min(images.shape[1:3]) < 1:
+    if images.ndim == 4 and images.shape[-1] == 3 and images.shape[0] == 0:
+        raise ValueError(f"the {what} input is an empty batch (0 images, shape {list(images.shape)}); connect "
+                         "a node that outputs at least one image (check the frame range of a video loader)")
+    if images.ndim == 4 and images.shape[-1] == 3 and min(images.shape[1:3]) < 1:
+        raise ValueError(f"the {what} input has images of size {images.shape[2]}x{images.shape[1]} (empty); "
+                         "connect images with at least one pixel")
+    if images.ndim != 4 or images.shape[-1] != 3:
         hint = " (drop the alpha channel)" if images.ndim == 4 and images.shape[-1] == 4 else ""
         raise ValueError(f"the {what} input must be an IMAGE [B,H,W,3], got shape {list(images.shape)}{hint}")
 

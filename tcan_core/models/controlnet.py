@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from .detect import Detection, detect_controlnet, require_sd15
-from .sd15 import _count, _empty, _finish, _reject_unconverted, infer_unet_config, load_diffusers_weights, shipped_config
+from .sd15 import (_count, _empty, _finish, _infer, _meta_shapes, _reject_unconverted, _require_fit,
+                   diffusers_weight_shapes, infer_unet_config, load_diffusers_weights, shipped_config)
 from .state_dict import Shapes, load_state_dict_file, load_strict, read_shapes, shapes_of
 
 
@@ -51,6 +52,48 @@ def infer_controlnet_config_diffusers(shapes: Shapes) -> dict:
     return cfg
 
 
+def check_controlnet_shapes(shapes: Shapes, path, folder_config: dict | None = None) -> tuple[Detection, dict]:
+    """Everything the ControlNet loader checks before it converts, from ``{key: shape}`` alone -> (detection,
+    config); raises the loader's own error otherwise. ``folder_config``: a diffusers folder's config.json."""
+    from diffusers import ControlNetModel
+
+    from .ldm_keys import controlnet_to_ldm
+
+    det = detect_controlnet(shapes)
+    if folder_config is not None and det.kind == "controlnet":
+        det.format = "diffusers folder"
+    require_sd15(det, "controlnet", str(path))
+    if folder_config is not None:
+        cfg = dict(folder_config)
+    elif det.format == "diffusers":
+        cfg = _infer("ControlNet", path, infer_controlnet_config_diffusers, shapes)
+    else:
+        cfg = _infer("ControlNet", path, infer_controlnet_config_ldm, shapes, det.details["prefix"])
+    expected = _meta_shapes(lambda: ControlNetModel.from_config(cfg))
+    if det.format.startswith("LDM"):
+        prefix = det.details["prefix"]
+        expected = shapes_of(controlnet_to_ldm({k: torch.empty(s, device="meta") for k, s in expected.items()},
+                                               cfg, prefix))
+        shapes = {k: s for k, s in shapes.items() if k.startswith(prefix)}
+    _require_fit(shapes, expected, "SD1.5 ControlNet", path)
+    return det, cfg
+
+
+def check_controlnet(path: str | os.PathLike) -> Detection:
+    """What :func:`load_controlnet` checks before it reads any tensor, for a file or a diffusers folder."""
+    p = Path(path)
+    if p.is_dir():
+        return check_controlnet_shapes(diffusers_weight_shapes(p), p, _read_config(p))[0]
+    return check_controlnet_shapes(read_shapes(p), p)[0]
+
+
+def _read_config(folder: Path) -> dict:
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} has no config.json; a diffusers ControlNet folder holds config.json "
+                                "and diffusion_pytorch_model.safetensors")
+    return json.loads((folder / "config.json").read_text())
+
+
 def load_controlnet(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                     device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Detection]:
     """Load an SD1.5 ControlNet -> (diffusers ControlNetModel, detection)."""
@@ -59,25 +102,17 @@ def load_controlnet(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
 
     p = Path(path)
     if p.is_dir():
-        cfg = json.loads((p / "config.json").read_text())
+        det, cfg = check_controlnet_shapes(diffusers_weight_shapes(p), p, _read_config(p))
         sd = load_diffusers_weights(p)
-        det = detect_controlnet(shapes_of(sd))
-        det.format = "diffusers folder"
     else:
         sd = load_state_dict_file(p)
-        shapes = shapes_of(sd)
-        det = detect_controlnet(shapes)
-        require_sd15(det, "controlnet", str(p))
-        if det.format == "diffusers":
-            cfg = infer_controlnet_config_diffusers(shapes)
-        else:
+        det, cfg = check_controlnet_shapes(shapes_of(sd), p)
+        if det.format != "diffusers":
             prefix = det.details["prefix"]
-            cfg = infer_controlnet_config_ldm(shapes, prefix)
             source = {k: v for k, v in sd.items() if k.startswith(prefix)} if prefix else sd
             converted = convert_controlnet_checkpoint(sd, cfg)
             _reject_unconverted("ControlNet", source, converted, p)
             sd = converted
-    require_sd15(det, "controlnet", str(p))
     model = _empty(lambda: ControlNetModel.from_config(cfg))
     load_strict(model, sd, "SD1.5 ControlNet", p)
     return _finish(model, dtype, device), det
@@ -87,7 +122,7 @@ def detect_controlnet_source(path: str | os.PathLike) -> Detection:
     """Classify a ControlNet file or folder without loading its tensors."""
     p = Path(path)
     if p.is_dir():
-        det = detect_controlnet(shapes_of(load_diffusers_weights(p)))
+        det = detect_controlnet(diffusers_weight_shapes(p))
         det.format = "diffusers folder"
         return det
     return detect_controlnet(read_shapes(p))

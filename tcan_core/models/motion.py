@@ -8,47 +8,52 @@ and no mid block (as AnimateDiff-Evolved tells them apart).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
 from .detect import Detection, detect_motion_module, require_sd15
 from .errors import ModelFormatError
-from .sd15 import _count, _empty, _finish
-from .state_dict import load_state_dict_file, load_strict, shapes_of
+from .sd15 import _count, _empty, _finish, _meta_shapes, _require_fit, diffusers_weight_shapes, load_diffusers_weights
+from .state_dict import Shapes, load_state_dict_file, load_strict, read_shapes, shapes_of
 
 # AnimateDiff uses 8 heads in every temporal attention; the weights do not record it.
 MOTION_HEADS = 8
+
+
+def animatediff_key(key: str, source: str) -> str:
+    """One original AnimateDiff key -> its diffusers MotionAdapter name (both PE buffers -> one)."""
+    m = re.match(r"(.*\.motion_modules\.\d+\.)temporal_transformer\.(.*)", key)
+    if m is None:
+        raise ModelFormatError(f"{source}: unexpected key {key!r} in an AnimateDiff motion module")
+    head, rest = m.group(1), m.group(2)
+    if pe := re.match(r"transformer_blocks\.(\d+)\.attention_blocks\.(\d+)\.pos_encoder\.pe", rest):
+        return f"{head}transformer_blocks.{pe.group(1)}.pos_embed.pe"
+    rest = re.sub(r"\.attention_blocks\.(\d+)\.", lambda x: f".attn{int(x.group(1)) + 1}.", rest)
+    rest = re.sub(r"\.norms\.(\d+)\.", lambda x: f".norm{int(x.group(1)) + 1}.", rest)
+    return head + rest.replace(".ff_norm.", ".norm3.")
 
 
 def animatediff_to_diffusers(sd: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
     """Original AnimateDiff keys -> diffusers MotionAdapter keys (one PE buffer per transformer block)."""
     out: dict[str, torch.Tensor] = {}
     for key, value in sd.items():
-        m = re.match(r"(.*\.motion_modules\.\d+\.)temporal_transformer\.(.*)", key)
-        if m is None:
-            raise ModelFormatError(f"{source}: unexpected key {key!r} in an AnimateDiff motion module")
-        head, rest = m.group(1), m.group(2)
-        if pe := re.match(r"transformer_blocks\.(\d+)\.attention_blocks\.(\d+)\.pos_encoder\.pe", rest):
-            target = f"{head}transformer_blocks.{pe.group(1)}.pos_embed.pe"
-            if target in out and not torch.equal(out[target], value):
-                raise ModelFormatError(f"{source}: the two attention blocks of {head}transformer_blocks."
-                                       f"{pe.group(1)} have different positional encodings; this is not a "
-                                       "standard AnimateDiff motion module.")
-            out[target] = value
-            continue
-        rest = re.sub(r"\.attention_blocks\.(\d+)\.", lambda x: f".attn{int(x.group(1)) + 1}.", rest)
-        rest = re.sub(r"\.norms\.(\d+)\.", lambda x: f".norm{int(x.group(1)) + 1}.", rest)
-        rest = rest.replace(".ff_norm.", ".norm3.")
-        out[head + rest] = value
+        target = animatediff_key(key, source)
+        if target in out and not torch.equal(out[target], value):
+            raise ModelFormatError(f"{source}: the two attention blocks of {target.removesuffix('.pos_embed.pe')} "
+                                   "have different positional encodings; this is not a standard AnimateDiff "
+                                   "motion module.")
+        out[target] = value
     return out
 
 
-def motion_adapter_config(det: Detection, sd: dict[str, torch.Tensor]) -> dict:
-    """MotionAdapter arguments for a detected motion module."""
-    shapes = shapes_of(sd)
+def motion_adapter_config(det: Detection, sd: Mapping[str, torch.Tensor] | Shapes) -> dict:
+    """MotionAdapter arguments for a detected motion module (diffusers key names -> tensors or shapes)."""
+    shapes = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(v) for k, v in sd.items()}
     return dict(
         block_out_channels=tuple(det.details["channels"]),
         motion_layers_per_block=_count(shapes, r"down_blocks\.0\.motion_modules\.(\d+)\."),
@@ -61,21 +66,59 @@ def motion_adapter_config(det: Detection, sd: dict[str, torch.Tensor]) -> dict:
     )
 
 
+def check_motion_shapes(shapes: Shapes, path, folder_config: dict | None = None) -> tuple[Detection, dict, Shapes]:
+    """Everything the motion-module loader checks before it reads tensors, from ``{key: shape}`` alone ->
+    (detection, MotionAdapter config, diffusers-named shapes). ``folder_config``: a diffusers folder's config.json."""
+    from diffusers import MotionAdapter
+
+    det = detect_motion_module(shapes)
+    if folder_config is not None and det.kind == "motion":
+        det.format = "diffusers folder"
+    require_sd15(det, "motion", str(path))
+    if "version" not in det.details:
+        raise ModelFormatError(f"{path} is an {det.format} motion module; the pack reads AnimateDiff v1/v2/v3 "
+                               "modules with positional encoding (mm_sd_v15_v2.ckpt, v3_sd15_mm.ckpt).")
+    if det.format == "AnimateDiff":
+        shapes = {animatediff_key(k, str(path)): s for k, s in shapes.items()}
+    if folder_config is not None:
+        cfg = {k: v for k, v in folder_config.items() if not k.startswith("_")}
+    else:
+        cfg = motion_adapter_config(det, shapes)
+    expected = _meta_shapes(lambda: MotionAdapter.from_config(cfg))
+    _require_fit(shapes, expected, f"AnimateDiff {det.details['version']} motion module", path)
+    return det, cfg, shapes
+
+
+def _folder_config(folder: Path) -> dict:
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} has no config.json; a diffusers motion-adapter folder (as published "
+                                "for animatediff-motion-adapter-v1-5-2) holds config.json and "
+                                "diffusion_pytorch_model.safetensors")
+    return json.loads((folder / "config.json").read_text())
+
+
+def check_motion_module(path: str | os.PathLike) -> Detection:
+    """What :func:`load_motion_module` checks before it reads any tensor, for a file or a diffusers folder."""
+    p = Path(path)
+    if p.is_dir():
+        return check_motion_shapes(diffusers_weight_shapes(p), p, _folder_config(p))[0]
+    return check_motion_shapes(read_shapes(p), p)[0]
+
+
 def load_motion_module(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                        device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Detection]:
-    """Load an SD1.5 AnimateDiff motion module -> (diffusers MotionAdapter, detection)."""
+    """Load an SD1.5 AnimateDiff motion module (file, or diffusers motion-adapter folder) -> (MotionAdapter, detection)."""
     from diffusers import MotionAdapter
 
     p = Path(path)
-    sd = load_state_dict_file(p)
-    det = detect_motion_module(shapes_of(sd))
-    require_sd15(det, "motion", str(p))
-    if "version" not in det.details:
-        raise ModelFormatError(f"{p} is an {det.format} motion module; the pack reads AnimateDiff v1/v2/v3 "
-                               "modules with positional encoding (mm_sd_v15_v2.ckpt, v3_sd15_mm.ckpt).")
-    if det.format == "AnimateDiff":
-        sd = animatediff_to_diffusers(sd, str(p))
-    cfg = motion_adapter_config(det, sd)
-    adapter = _empty(lambda: MotionAdapter(**cfg))
+    if p.is_dir():
+        det, cfg, _ = check_motion_shapes(diffusers_weight_shapes(p), p, _folder_config(p))
+        sd = load_diffusers_weights(p)
+    else:
+        sd = load_state_dict_file(p)
+        det, cfg, _ = check_motion_shapes(shapes_of(sd), p)
+        if det.format == "AnimateDiff":
+            sd = animatediff_to_diffusers(sd, str(p))
+    adapter = _empty(lambda: MotionAdapter.from_config(cfg))
     load_strict(adapter, sd, f"AnimateDiff {det.details['version']} motion module", p)
     return _finish(adapter, dtype, device), det

@@ -18,12 +18,13 @@ from typing import Mapping
 
 import torch
 
-from .detect import SD15, UNET, VAE, Detection, detect_checkpoint, require_sd15
+from .detect import CLIP_PREFIXES, SD15, UNET, VAE, Detection, detect_checkpoint, require_sd15
 from .errors import ModelFormatError
 from .state_dict import (
     LazyTensors,
     Shapes,
     assign_streamed,
+    fit_problems,
     load_state_dict_file,
     load_strict,
     read_shapes,
@@ -234,13 +235,11 @@ def load_sd15_single_file(path: str | os.PathLike, dtype: torch.dtype = torch.fl
     from transformers import CLIPTextModel
 
     # Tensors are read one at a time and cast on the way in, so loading never holds a second copy
-    # of a model (nor the parts unet_only leaves out).
+    # of a model (nor the parts unet_only leaves out). Every check runs on the shapes first.
     lazy = LazyTensors(path)
     shapes = lazy.shapes
-    det = detect_checkpoint(shapes)
-    _check_sd15(det, path)
-
-    unet_cfg, key_map = ldm_unet_layout(shapes, UNET, str(path))
+    det, unet_cfg = check_sd15_single_file(shapes, path, unet_only)
+    _, key_map = ldm_unet_layout(shapes, UNET, str(path))
     unet = empty_unet(unet_cfg)
     assign_streamed(unet, lazy, key_map, "SD1.5 UNet", path, dtype=dtype, device=device)
     if unet_only:
@@ -306,8 +305,7 @@ def load_sd15_diffusers(folder: str | os.PathLike, dtype: torch.dtype = torch.fl
     from transformers import CLIPTextConfig, CLIPTextModel
 
     folder = Path(folder)
-    det = detect_sd15_source(folder)
-    _check_sd15(det, folder)
+    det = check_sd15_folder(folder, unet_only)
     unet_cfg = _read_json(folder / "unet" / "config.json")
     vae_cfg = _read_json(folder / "vae" / "config.json")
     text_cfg = _read_json(folder / "text_encoder" / "config.json")
@@ -337,6 +335,134 @@ def load_sd15(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     if p.is_dir():
         return load_sd15_diffusers(p, dtype, device, unet_only)
     return load_sd15_single_file(p, dtype, device, unet_only)
+
+
+def _infer(what: str, path, infer, *args):
+    """Run a config inference that reads fixed keys; a missing one means an incomplete file."""
+    try:
+        return infer(*args)
+    except KeyError as exc:
+        raise ModelFormatError(f"{path} is incomplete: the {what} key {exc.args[0]!r} is missing, so the model's "
+                               "layout cannot be read. The file was pruned or truncated differently from a "
+                               "standard SD1.5 checkpoint: download it again or use a complete one "
+                               "(e.g. v1-5-pruned-emaonly.safetensors).") from None
+
+
+def _meta_shapes(build) -> Shapes:
+    """Key -> shape of a module built with empty (meta) parameters: what a file must fill."""
+    return shapes_of(_empty(build).state_dict())
+
+
+def _require_fit(found: Shapes, expected: Shapes, what: str, path, unexpected: bool = True) -> None:
+    """The clear error :func:`load_strict` would give, raised from shapes alone (before any conversion)."""
+    if not unexpected:
+        found = {k: s for k, s in found.items() if k in expected}
+    problems = fit_problems(found, expected, "model")
+    if not problems:
+        return
+    incomplete = any(k not in found for k in expected)
+    raise ModelFormatError(f"{path}: the weights do not fit the {what}: {problems}."
+                           + (" The file is incomplete (pruned or truncated): download it again or use a "
+                              "complete SD1.5 checkpoint (e.g. v1-5-pruned-emaonly.safetensors)." if incomplete else ""))
+
+
+def _clip_file_keys(shapes: Shapes) -> Shapes:
+    """The text encoder's keys of an LDM checkpoint as ``text_model.*`` (both LDM spellings)."""
+    out = {}
+    for key, shape in shapes.items():
+        for prefix in CLIP_PREFIXES:
+            if key.startswith(prefix):
+                out["text_model." + key[len(prefix):].removeprefix("text_model.")] = shape
+                break
+    return out
+
+
+def check_sd15_single_file(shapes: Shapes, path, unet_only: bool = False) -> tuple[Detection, dict]:
+    """Everything the single-file loader checks before it converts, from ``{key: shape}`` alone -> (detection,
+    UNet config); raises the loader's own error otherwise. TCAN Model Check and ``doctor`` call it too."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from .ldm_keys import clip_to_ldm, unet_to_ldm, vae_to_ldm
+
+    det = detect_checkpoint(shapes)
+    _check_sd15(det, path)
+    unet_cfg = _infer("UNet", path, infer_unet_config, shapes, UNET)
+    expected = _meta_shapes(lambda: UNet2DConditionModel.from_config(unet_cfg))
+    expected = shapes_of(unet_to_ldm({k: torch.empty(s, device="meta") for k, s in expected.items()}, unet_cfg))
+    _require_fit({k: s for k, s in shapes.items() if k.startswith(UNET)}, expected, "SD1.5 UNet", path)
+    if unet_only:
+        return det, unet_cfg
+    # The VAE and text encoder are checked for missing keys only: their converters also accept other
+    # layouts (linear VAE attention, older CLIP names), which the strict load after conversion checks.
+    vae_cfg = _infer("VAE", path, infer_vae_config, shapes, VAE)
+    vae = _meta_shapes(lambda: AutoencoderKL.from_config(vae_cfg))
+    vae = shapes_of(vae_to_ldm({k: torch.empty(s, device="meta") for k, s in vae.items()}, vae_cfg))
+    found = {k: s for k, s in shapes.items() if k.startswith(VAE) and ".loss." not in k}
+    _require_fit(found, {k: found.get(k, s) for k, s in vae.items()}, "SD1.5 VAE", path, unexpected=False)
+    text_found = _clip_file_keys(shapes)
+    text_cfg = _infer("CLIP text encoder", path, infer_text_config, text_found)
+    text = _meta_shapes(lambda: CLIPTextModel(text_cfg))
+    text = {k: s for k, s in _clip_file_keys(shapes_of(clip_to_ldm(
+        {k: torch.empty(s, device="meta") for k, s in text.items()}))).items() if not k.endswith("position_ids")}
+    _require_fit(text_found, {k: text_found.get(k, s) for k, s in text.items()}, "SD1.5 CLIP text encoder", path,
+                 unexpected=False)
+    return det, unet_cfg
+
+
+def diffusers_weight_shapes(folder: str | os.PathLike) -> Shapes:
+    """Key -> shape of one diffusers model folder's weights, read as :func:`load_diffusers_weights` reads them."""
+    folder = Path(folder)
+    for name in _WEIGHT_NAMES:
+        if (folder / name).is_file():
+            return read_shapes(folder / name)
+    indexes = sorted(folder.glob("*.index.json"))
+    if indexes:
+        out: Shapes = {}
+        for shard in sorted(set(json.loads(indexes[0].read_text())["weight_map"].values())):
+            out.update(read_shapes(folder / shard))
+        return out
+    raise FileNotFoundError(f"no weights found in {folder}; expected one of: {', '.join(_WEIGHT_NAMES[:4])} "
+                            "(or a sharded *.index.json)")
+
+
+def check_sd15_folder(folder: str | os.PathLike, unet_only: bool = False) -> Detection:
+    """Everything the diffusers-folder loader checks, from configs and tensor shapes alone -> detection."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = Path(folder)
+    det = detect_sd15_source(folder)
+    _check_sd15(det, folder)
+    parts = [("unet", "SD1.5 UNet", lambda cfg: UNet2DConditionModel.from_config(cfg))]
+    if not unet_only:
+        parts += [("vae", "SD1.5 VAE", lambda cfg: AutoencoderKL.from_config(cfg)),
+                  ("text_encoder", "SD1.5 CLIP text encoder",
+                   lambda cfg: CLIPTextModel(CLIPTextConfig.from_dict(cfg)))]
+    for sub, what, build in parts:
+        cfg = _read_json(folder / sub / "config.json")
+        found = diffusers_weight_shapes(folder / sub)
+        expected = _meta_shapes(lambda: build(cfg))
+        if sub == "text_encoder":
+            found = {k: s for k, s in _fit_clip_shapes(found, expected).items()}
+        _require_fit(found, expected, what, folder / sub)
+    return det
+
+
+def _fit_clip_shapes(found: Shapes, expected: Shapes) -> Shapes:
+    """:func:`_fit_clip_keys` for shapes: the file's CLIP names in the installed transformers' layout."""
+    prefixed = any(k.startswith("text_model.") for k in expected)
+    named = {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in found.items()}
+    out = {(k if prefixed else k.removeprefix("text_model.")): v for k, v in named.items()}
+    return {k: v for k, v in out.items() if not (k.endswith("position_ids") and k not in expected)}
+
+
+def check_sd15(path: str | os.PathLike) -> Detection:
+    """What :func:`load_sd15` checks before it reads any tensor, for a file or a diffusers folder -> detection."""
+    p = Path(path)
+    if p.is_dir():
+        return check_sd15_folder(p)
+    return check_sd15_single_file(read_shapes(p), p)[0]
 
 
 def detect_sd15_source(path: str | os.PathLike) -> Detection:

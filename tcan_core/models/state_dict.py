@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import struct
 import zipfile
 from pathlib import Path
@@ -56,6 +57,17 @@ def _check_path(path: str | os.PathLike) -> Path:
     return p
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _unpickler_reason(exc: Exception) -> str:
+    """The sentence of torch's weights-only refusal that says what the file holds, without terminal
+    colour codes; torch's own advice (load with weights_only=False) is left out on purpose."""
+    text = " ".join(_ANSI.sub("", str(exc)).split())
+    reason = re.search(r"WeightsUnpickler error: (.*?\.)(?: Please| Check|$)", text)
+    return reason.group(1) if reason else text
+
+
 def _torch_load(p: Path, kind: str, map_location) -> object:
     try:
         return torch.load(p, map_location=map_location, weights_only=True, mmap=(kind == "torch-zip"))
@@ -64,7 +76,7 @@ def _torch_load(p: Path, kind: str, map_location) -> object:
             f"{p} holds pickled Python objects, not just tensors, so it was refused: the pack reads "
             f".ckpt/.pth files only with torch.load(weights_only=True) because pickles can run code "
             f"on your machine. Use the .safetensors version of this model, or convert the file "
-            f"with a tool you trust. (torch said: {str(exc).splitlines()[0]})"
+            f"with a tool you trust. (torch said: {_unpickler_reason(exc)})"
         ) from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
         raise ModelFileError(f"{p} could not be read as a PyTorch checkpoint; it is probably "

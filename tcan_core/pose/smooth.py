@@ -51,6 +51,8 @@ def _unpack(tracks: np.ndarray, like: PoseSequence) -> PoseSequence:
     face = per[:, :, N_BODY:N_BODY + N_FACE]
     hands = per[:, :, N_BODY + N_FACE:].reshape(f, p, 2, N_HAND, 3)
     has_points = (per[..., 2] > 0).any(-1)
+    if p == 0:
+        return like
     last = np.where(has_points.any(1), p - np.argmax(has_points[:, ::-1], axis=1), 0)
     people = np.maximum(like.people.astype(np.int64), last)
     return PoseSequence(np.ascontiguousarray(body), np.ascontiguousarray(face), np.ascontiguousarray(hands),
@@ -137,6 +139,10 @@ def smooth_poses(seq: PoseSequence, max_gap: int = DEFAULT_MAX_GAP, one_euro: bo
     """Fill gaps of up to ``max_gap`` frames, then (optionally) One-Euro filter every track of ``seq``."""
     if one_euro:
         _check_filter(fps, min_cutoff, beta, d_cutoff)
+    if seq.body.shape[1] == 0 or not (_pack(seq)[..., 2] > 0).any():
+        raise ValueError(f"the pose has no person in any of its {seq.num_frames} frame(s), so there is nothing "
+                         "to smooth; check the driving video and the Pose Extract settings, or connect "
+                         "poses that show a person")
     tracks = _pack(seq)
     tracks, filled = fill_gaps_array(tracks, int(max_gap))
     if one_euro:

@@ -297,6 +297,12 @@ def _warp(src: np.ndarray, matrix: np.ndarray, scale: float, size: tuple[int, in
                    borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
 
+# The reference pose's canvas and the reference image may differ in aspect by this fraction (the
+# rounding of a resized copy: 683 vs 682.67 pixels is 0.05%; 2% also covers crops of a few pixels);
+# the keypoints are then scaled per axis. More than that means the pose is from another image.
+POSE_ASPECT_TOLERANCE = 0.02
+
+
 def calibrate(
     reference: np.ndarray,
     reference_pose: PoseSequence,
@@ -313,7 +319,7 @@ def calibrate(
     """TPC: warp the reference ``[H,W,3]`` (0..1) and its mask ``[H,W]`` onto every ``sparsity``-th driving pose.
 
     The reference pose (1 frame) is in its own canvas pixels and is scaled to the reference
-    image; the output canvas is the driving poses' canvas. Without ``reference_mask`` a person
+    image (their aspects may differ by :data:`POSE_ASPECT_TOLERANCE`, else a ValueError); the output canvas is the driving poses' canvas. Without ``reference_mask`` a person
     mask is drawn from the reference pose. ``person_index`` picks the person in the reference and
     driving poses (-1: the only person of the reference, and person 0 of each driving frame).
     ``callback(n)`` is called after each warped frame with the number of driving frames it covers.
@@ -341,9 +347,13 @@ def calibrate(
 
     ref_body = _reference_person(reference_pose, person_index, min_confidence).copy()
     sx, sy = ref_w / reference_pose.width, ref_h / reference_pose.height
-    if abs(sx - sy) > 0.02 * max(sx, sy):
-        log.warning("reference pose canvas %dx%d and reference image %dx%d have different aspect ratios; "
-                    "is the pose from this image?", reference_pose.width, reference_pose.height, ref_w, ref_h)
+    if abs(sx - sy) > POSE_ASPECT_TOLERANCE * max(sx, sy):
+        raise ValueError(
+            f"the reference pose was found on a {reference_pose.width}x{reference_pose.height} canvas (aspect "
+            f"{reference_pose.width / reference_pose.height:.3f}) but the reference image is {ref_w}x{ref_h} "
+            f"(aspect {ref_w / ref_h:.3f}), so the pose is not from this image. Connect the same image to TCAN "
+            "TPC Calibrate's reference and to the TCAN Pose Extract that makes its reference_pose (a resized copy is "
+            f"fine: aspects may differ by up to {POSE_ASPECT_TOLERANCE:.0%})")
     ref_body[:, :2] *= np.array([sx, sy], np.float32)
 
     driving, several, absent = _driving_person(driving_pose, person_index)

@@ -7,6 +7,7 @@ import logging
 import torch
 
 from tcan_core.pose import extract
+from tcan_core.pose.types import REGISTRY
 from tcan_core.pose_format import to_pose_keypoint
 
 from . import host
@@ -15,7 +16,7 @@ from .common import CATEGORY, require, with_report
 log = logging.getLogger(__name__)
 
 NODE_NAME = "TCAN Pose Extract"
-BACKEND_PACKAGES = {extract.BACKEND_DWPOSE: "onnxruntime", extract.BACKEND_OPENPOSE: "controlnet_aux"}
+BACKEND_PACKAGES = {spec.name: spec.package for spec in REGISTRY.values()}
 
 
 class TCANPoseExtract:

@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .bases import SD15 as SD15_FACTS
 from .model_folders import SLOTS, ModelFolders, Slot
 from .models.controlnet import detect_controlnet_source
 from .models.detect import SD15, Detection, detect_motion_module, guess_other_kind
@@ -77,7 +78,7 @@ def _classify_weights(slot: Slot, path: Path) -> tuple[str, bool]:
         widths = {s[1] for k, s in shapes.items() if k.endswith(("to_k_ip.weight", "to_k_face.weight"))}
         width = ", ".join(str(w) for w in sorted(widths)) or "unknown"
         name = {"id-animator": "ID-Animator", "ip-adapter-faceid": "IP-Adapter FaceID"}.get(kind, kind)
-        return f"{name} face adapter (cross-attention width {width})", widths == {768}
+        return f"{name} face adapter (cross-attention width {width})", widths == {SD15_FACTS.context_width}
     return guess_other_kind(shapes), True
 
 

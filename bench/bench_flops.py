@@ -51,9 +51,8 @@ from bench_sampler import TAU, full_size_modules, walking_poses  # noqa: E402
 
 from tcan_core.animation.controlnet_t import TemporalLayers  # noqa: E402
 from tcan_core.animation.model import RunState, TCANModel  # noqa: E402
-from tcan_core.animation.motion import MotionState  # noqa: E402
+from tcan_core.animation.temporal_hooks import MotionState  # noqa: E402
 from tcan_core.animation.patches import ControlNetPatch, MotionPatch, PTMPatch  # noqa: E402
-from tcan_core.animation.ptm import temperature_map  # noqa: E402
 from tcan_core.animation.reference import ReferenceBank, reference_attention  # noqa: E402
 from tcan_core.animation.sampler import SamplerSettings, sample_animation  # noqa: E402
 from tcan_core.animation.vae import DiffusersVAE  # noqa: E402
@@ -139,7 +138,6 @@ def flops_per_call(size: int, window: int) -> dict[str, int]:
     t = torch.tensor(500, device=meta)
     context = torch.empty(1, 77, 768, device=meta)
     poses = walking_poses(window, size)
-    temperature = temperature_map(poses, TAU)
     reference_latent = torch.empty(1, 4, latent, latent, device=meta)
     x = torch.empty(window, 4, latent, latent, device=meta)
     use_reference = torch.tensor([False] * window + [True] * window)
@@ -170,7 +168,8 @@ def flops_per_call(size: int, window: int) -> dict[str, int]:
             unet(model_in, t, encoder_hidden_states=both_contexts, down_block_additional_residuals=down,
                  mid_block_additional_residual=mid, return_dict=False)
 
-        run.ptm.set(temperature, (latent, latent))
+        for hook in run.hooks:
+            hook.enter_window(hook.prepare_window(poses), (latent, latent))
         bank.set_read((latent, latent), use_reference)
         counts["UNet"] = flops(denoise)
         run.motion.num_frames = None
@@ -178,7 +177,8 @@ def flops_per_call(size: int, window: int) -> dict[str, int]:
         run.motion.num_frames = window
         bank.set_read((latent, latent), torch.zeros(2 * window, dtype=torch.bool))
         counts["UNet, no reference keys"] = flops(denoise)
-        run.ptm.clear()
+        for hook in reversed(run.hooks):
+            hook.exit_window()
         bank.clear()
         counts["VAE decode"] = flops(lambda: vae.decode(torch.empty(1, 4, latent, latent, device=meta)))
         counts["VAE encode"] = flops(lambda: vae.encode(torch.empty(1, 3, size, size, device=meta)))

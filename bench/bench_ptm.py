@@ -83,7 +83,7 @@ def worker(spec: dict) -> dict:
     import torch
     from diffusers.models.attention_processor import Attention
 
-    from tcan_core.animation.ptm import PTMAttnProcessor, PTMState, scale_query_by_temperature_
+    from tcan_core.animation.ptm import PTMAttnProcessor, PTMState, inverse_temperature_per_row
 
     device = torch.device(spec["device"])
     size, channels, frames, batch = spec["size"], spec["channels"], spec["frames"], spec["batch"]
@@ -100,7 +100,7 @@ def worker(spec: dict) -> dict:
         query, key, value = (t.view(rows, frames, HEADS, head_dim).transpose(1, 2) for t in projections)
         if spec["impl"] == "fused":
             def call():
-                scale_query_by_temperature_(query, state, level=0)
+                query.mul_(inverse_temperature_per_row(state, rows, 0, device, query.dtype).view(-1, 1, 1, 1))
                 return torch.nn.functional.scaled_dot_product_attention(query, key, value)
         else:
             def call():

@@ -44,9 +44,8 @@ sys.path.insert(0, str(ROOT))
 
 from tcan_core.animation.controlnet_t import TemporalLayers  # noqa: E402
 from tcan_core.animation.model import RunState, TCANModel  # noqa: E402
-from tcan_core.animation.motion import MotionState  # noqa: E402
+from tcan_core.animation.temporal_hooks import MotionState  # noqa: E402
 from tcan_core.animation.patches import ControlNetPatch, MotionPatch, PTMPatch  # noqa: E402
-from tcan_core.animation.ptm import temperature_map  # noqa: E402
 from tcan_core.animation.reference import ReferenceBank, reference_attention  # noqa: E402
 from tcan_core.animation.sampler import SamplerSettings, sample_animation  # noqa: E402
 from tcan_core.models.sd15 import shipped_config  # noqa: E402
@@ -166,7 +165,6 @@ def direct_calls(model: TCANModel, controlnet: torch.nn.Module, inputs: dict, po
     run = RunState(device=device, motion=MotionState(num_frames=None))
     bank = ReferenceBank()
     use_reference = torch.tensor([False] * frames + [True] * frames, device=device)
-    temperature = temperature_map(poses.to(device), TAU)
     seconds = {}
 
     def timed(part: str, call) -> None:
@@ -188,11 +186,13 @@ def direct_calls(model: TCANModel, controlnet: torch.nn.Module, inputs: dict, po
         run.motion.num_frames = frames
         timed("ControlNet", lambda: controlnet(*args, **kwargs))
         args, kwargs = inputs["UNet"]
-        run.ptm.set(temperature, (latent, latent))
+        for hook in run.hooks:
+            hook.enter_window(hook.prepare_window(poses.to(device)), (latent, latent))
         try:
             timed("UNet", lambda: unet(*args, **kwargs))
         finally:
-            run.ptm.clear()
+            for hook in reversed(run.hooks):
+                hook.exit_window()
     return seconds
 
 

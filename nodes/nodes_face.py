@@ -10,7 +10,7 @@ import json
 import logging
 import math
 
-from tcan_core.animation import build
+from tcan_core.face import build
 from tcan_core.animation.sampler import SamplerSettings
 from tcan_core.animation.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from tcan_core.face.id_adapter import DEFAULT_SCALE

@@ -7,6 +7,7 @@ import logging
 import torch
 
 from tcan_core.pose import extract
+from tcan_core.pose.types import REGISTRY
 from tcan_core.pose_format import to_pose_keypoint
 
 from . import host
@@ -16,7 +17,7 @@ from .previews import pose_marks, with_preview
 log = logging.getLogger(__name__)
 
 NODE_NAME = "TCAN Pose Extract"
-BACKEND_PACKAGES = {extract.BACKEND_DWPOSE: "onnxruntime", extract.BACKEND_OPENPOSE: "controlnet_aux"}
+BACKEND_PACKAGES = {spec.name: spec.package for spec in REGISTRY.values()}
 
 
 class TCANPoseExtract:

@@ -22,7 +22,7 @@ from .demo_scene import character_image, character_pose, driving_dance
 from .doctor import format_report, run_doctor
 from .model_folders import ModelFolders
 from .models.controlnet import load_controlnet
-from .models.motion import load_motion_module
+from .models.motion_module import load_motion_module
 from .models.sd15 import load_sd15
 from .pose.render import render_poses
 from .pose.retarget import retarget_poses

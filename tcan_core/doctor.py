@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .bases import SD15 as SD15_FACTS
 from .model_folders import SLOTS, ModelFolders, Slot
 from .models.controlnet import check_controlnet
 from .models.detect import guess_other_kind
@@ -49,7 +50,6 @@ class SlotReport:
 
 # Why a recognised file is not taken, for the slots whose files are told apart by content.
 _CLIP_H_WIDTH = 1280
-_SD15_CONTEXT = 768
 
 
 def _classify_weights(slot: Slot, path: Path) -> tuple[str, bool]:
@@ -102,8 +102,8 @@ def _classify_weights(slot: Slot, path: Path) -> tuple[str, bool]:
         widths = {s[1] for k, s in shapes.items() if k.endswith(("to_k_ip.weight", "to_k_face.weight"))}
         width = ", ".join(str(w) for w in sorted(widths)) or "unknown"
         what = f"{name} face adapter (cross-attention width {width})"
-        if widths != {_SD15_CONTEXT}:
-            return f"{what}; not taken: SD1.5 needs cross-attention width {_SD15_CONTEXT}", False
+        if widths != {SD15_FACTS.context_width}:
+            return f"{what}; not taken: SD1.5 needs cross-attention width {SD15_FACTS.context_width}", False
         return what, True
     return guess_other_kind(shapes), True
 

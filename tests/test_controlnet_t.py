@@ -15,7 +15,7 @@ from tcan_core.animation.controlnet_t import (
     check_temporal_fits,
     temporal_controlnet_installed,
 )
-from tcan_core.animation.motion import MotionState
+from tcan_core.animation.temporal_hooks import MotionState
 from tcan_core.animation.ptm import temporal_attention_levels
 from tcan_core.tiny.sd15 import build_tiny_controlnet, build_tiny_motion_adapter
 

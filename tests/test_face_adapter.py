@@ -95,14 +95,14 @@ def test_scale_zero_equals_the_unpatched_unet_and_scale_08_changes_it(unet, weig
     with torch.no_grad():
         reference = unet(sample, t, context).sample
         with model.with_patch(FaceIDPatch(weights, embeddings, scale=0.0)).patched() as run:
-            assert run.face_tokens.shape == (1, 4, 64)
-            off = unet(sample, t, append_face_tokens(context, run.face_tokens)).sample
+            assert run.context_tokens[-1].cond.shape == (1, 4, 64)
+            off = unet(sample, t, append_face_tokens(context, run.context_tokens[-1].cond)).sample
         with model.with_patch(FaceIDPatch(weights, embeddings)).patched() as run:
-            on = unet(sample, t, append_face_tokens(context, run.face_tokens)).sample
+            on = unet(sample, t, append_face_tokens(context, run.context_tokens[-1].cond)).sample
             # Zero tokens (the default unconditional half) add exactly nothing to face attention.
-            uncond = unet(sample, t, append_face_tokens(context, run.face_tokens_uncond)).sample
+            uncond = unet(sample, t, append_face_tokens(context, run.context_tokens[-1].uncond)).sample
         with model.with_patch(FaceIDPatch(weights, embeddings, lora_strength=0.0)).patched() as run:
-            no_lora_uncond = unet(sample, t, append_face_tokens(context, run.face_tokens_uncond)).sample
+            no_lora_uncond = unet(sample, t, append_face_tokens(context, run.context_tokens[-1].uncond)).sample
     assert torch.equal(off, reference)
     assert (on - reference).abs().max() > 1e-3
     assert (uncond - reference).abs().max() > 1e-5  # the LoRA is merged
@@ -122,7 +122,7 @@ def test_lora_is_merged_for_the_call_and_everything_is_restored(unet, weights, e
     after_processors, after_state = _attn2_state(unet)
     assert all(after_processors[k] is v for k, v in processors.items())
     assert all(torch.equal(after_state[k], v) for k, v in state.items())
-    assert not hasattr(run, "face_tokens") and not hasattr(run, "face_tokens_uncond")
+    assert run.context_tokens == []
 
 
 def test_patch_is_removed_when_the_call_fails(unet, weights, embeddings):
@@ -134,7 +134,7 @@ def test_patch_is_removed_when_the_call_fails(unet, weights, embeddings):
     after_processors, after_state = _attn2_state(unet)
     assert all(after_processors[k] is v for k, v in processors.items())
     assert all(torch.equal(after_state[k], v) for k, v in state.items())
-    assert not hasattr(run, "face_tokens")
+    assert run.context_tokens == []
 
 
 def test_several_faces_are_averaged_after_the_resampler(weights, embeddings):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tcan_core.animation import build
+from tcan_core.face import build as face_build
 from tcan_core.animation.model import RunState, TCANModel
 from tcan_core.face import (ID_ANIMATOR, IP_ADAPTER_FACEID, FaceAttnProcessor, FaceIDPatch, IPFaceIDWeights,
                             append_face_tokens, check_image_encoder, face_embeddings, face_tokens, load_face_adapter,
@@ -63,8 +64,8 @@ def _unet_state(unet):
 
 def _denoise(unet, model, sample, t, context, uncond=False):
     with torch.no_grad(), model.patched() as run:
-        face = run.face_tokens_uncond if uncond else run.face_tokens
-        return unet(sample, t, append_face_tokens(context, face)).sample, run.face_tokens
+        face = run.context_tokens[-1].uncond if uncond else run.context_tokens[-1].cond
+        return unet(sample, t, append_face_tokens(context, face)).sample, run.context_tokens[-1].cond
 
 
 # --- checkpoint -------------------------------------------------------------------------------
@@ -196,7 +197,7 @@ def test_scale_zero_is_the_unpatched_unet_and_scale_08_changes_it(unet, weights)
 def test_faceid_unconditional_tokens_are_the_projection_of_a_zero_embedding(unet, weights):
     run = RunState()
     with TCANModel(unet, None, None, "tiny").with_patch(FaceIDPatch(weights, identities(1))).patched(run):
-        uncond = run.face_tokens_uncond
+        uncond = run.context_tokens[-1].uncond
     with torch.no_grad():
         expected = weights.mlp(torch.zeros(1, 512))
     assert torch.equal(uncond, expected) and uncond.abs().max() > 0
@@ -218,7 +219,7 @@ def test_lora_on_attn1_and_attn2_is_merged_for_the_call_and_everything_is_restor
     after_processors, after_state = _unet_state(unet)
     assert all(after_processors[k] is v for k, v in processors.items())
     assert all(torch.equal(after_state[k], v) for k, v in state.items())
-    assert not hasattr(run, "face_tokens") and not hasattr(run, "face_tokens_uncond")
+    assert run.context_tokens == []
 
 
 def test_face_weights_mix_the_projected_tokens(unet, weights):
@@ -302,7 +303,7 @@ def tcan_model(tiny_tree):
 def test_add_face_id_returns_a_clone_with_the_patch(tcan_model, tmp_path):
     faceid = write_tiny_ip_faceid(tmp_path / "tcan" / "ip-adapter-faceid_sd15.bin", tcan_model.unet)
     face = make_face(n=2)
-    out, report = build.add_face_id(tcan_model, faceid, face, scale=0.6)
+    out, report = face_build.add_face_id(tcan_model, faceid, face, scale=0.6)
     assert tcan_model.patches == () and out is not tcan_model and out.unet is tcan_model.unet
     patch = out.patch("face_id")
     assert patch.scale == 0.6 and patch.weights.kind == IP_ADAPTER_FACEID and patch.face_weights is None
@@ -313,8 +314,8 @@ def test_add_face_id_returns_a_clone_with_the_patch(tcan_model, tmp_path):
     animator = write_tiny_id_animator(tmp_path / "tcan" / "animator.ckpt", tcan_model.unet)
     encoder = write_tiny_clip_vision(tmp_path / "clip_vision" / "tiny_clip.safetensors")
     with pytest.raises(ValueError, match="needs a CLIP ViT-H/14 image encoder"):
-        build.add_face_id(out, animator, face)
-    again, report = build.add_face_id(out, animator, face, clip_vision_path=encoder, lora_strength=0.5)
+        face_build.add_face_id(out, animator, face)
+    again, report = face_build.add_face_id(out, animator, face, clip_vision_path=encoder, lora_strength=0.5)
     assert [p.key for p in again.patches] == ["face_id"] and again.patch("face_id").weights.kind == ID_ANIMATOR
     assert again.patch("face_id").num_faces == 2 and torch.equal(again.patch("face_id").face_weights, face.weights)
     assert "image encoder tiny_clip.safetensors" in report and "LoRA strength 0.5" in report
@@ -327,8 +328,8 @@ def test_add_face_id_runs_the_encoder_on_the_given_device_and_puts_it_back(tcan_
     animator = write_tiny_id_animator(tmp_path / "tcan" / "animator.ckpt", tcan_model.unet)
     encoder = write_tiny_clip_vision(tmp_path / "clip_vision" / "tiny_clip.safetensors")
     face = make_face(n=1)
-    here, _ = build.add_face_id(tcan_model, animator, face, clip_vision_path=encoder)
-    there, _ = build.add_face_id(tcan_model, animator, face, clip_vision_path=encoder, device="cpu")
+    here, _ = face_build.add_face_id(tcan_model, animator, face, clip_vision_path=encoder)
+    there, _ = face_build.add_face_id(tcan_model, animator, face, clip_vision_path=encoder, device="cpu")
     assert torch.equal(here.patch("face_id").embeddings, there.patch("face_id").embeddings)
     assert there.patch("face_id").embeddings.device.type == "cpu"
     assert next(load_clip_vision(encoder).parameters()).device.type == "cpu"

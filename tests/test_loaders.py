@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from tcan_core.models.controlnet import load_controlnet
 from tcan_core.models.detect import detect_checkpoint, detect_motion_module
 from tcan_core.models.errors import ModelFileError, ModelFormatError, WrongBaseModelError
-from tcan_core.models.motion import load_motion_module
+from tcan_core.models.motion_module import load_motion_module
 from tcan_core.models.sd15 import infer_text_config, infer_unet_config, infer_vae_config, load_sd15, shipped_config
 from tcan_core.models.state_dict import load_state_dict_file, shapes_of
 from tcan_core.tiny import sd15 as kit

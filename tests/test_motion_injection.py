@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
 
-from tcan_core.animation.motion import MotionState, check_motion_fits, motion_installed, positional_limit
+from tcan_core.animation.temporal_hooks import MotionState, check_motion_fits, motion_installed, positional_limit
 from tcan_core.tiny.sd15 import build_tiny_motion_adapter, tiny_unet_config
 
 VIDEOS, FRAMES = 2, 3

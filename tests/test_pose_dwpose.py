@@ -11,6 +11,7 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
+from tcan_core import onnx_session  # noqa: E402
 from tcan_core.pose import dwpose  # noqa: E402
 from tcan_core.tiny import pose_onnx  # noqa: E402
 
@@ -269,7 +270,7 @@ def _fake_ort(monkeypatch, loads_cuda, cuda_runs):
         return _FakeSession(used, fail_run=cuda and not cuda_runs)
 
     fake = types.SimpleNamespace(get_available_providers=lambda: [dwpose.CUDA, dwpose.CPU], InferenceSession=session)
-    monkeypatch.setattr(dwpose, "_onnxruntime", lambda: fake)
+    monkeypatch.setattr(onnx_session, "_onnxruntime", lambda: fake)
     return calls
 
 
@@ -296,7 +297,7 @@ def test_cuda_device_index_reaches_onnxruntime(monkeypatch, tiny_models):
     fake = types.SimpleNamespace(get_available_providers=lambda: [dwpose.CUDA, dwpose.CPU],
                                  InferenceSession=lambda path, providers: seen.append(providers) or
                                  _FakeSession([dwpose.CUDA, dwpose.CPU], fail_run=False))
-    monkeypatch.setattr(dwpose, "_onnxruntime", lambda: fake)
+    monkeypatch.setattr(onnx_session, "_onnxruntime", lambda: fake)
     dwpose.open_session(tiny_models.det, device="cuda:1")
     assert seen == [[(dwpose.CUDA, {"device_id": 1}), dwpose.CPU]]
     assert [dwpose.cuda_device_id(d) for d in ("cuda", "cuda:2", "cpu", "mps")] == [0, 2, None, None]

@@ -281,33 +281,6 @@ def test_uniform_weighting_is_the_default():
     assert torch.equal(window_weights(5), torch.ones(5))
 
 
-def test_hann_weights_are_positive_symmetric_and_smaller_at_the_edges():
-    w = window_weights(16, "hann", dtype=torch.float64)
-    assert (w > 0).all()
-    torch.testing.assert_close(w, w.flip(0), rtol=0, atol=1e-12)
-    assert w[0] < w[3] < w[7]
-    assert torch.equal(window_weights(1, "hann"), torch.ones(1))
-    # sin^2(pi * (i + 1) / 4) for i = 0, 1, 2
-    torch.testing.assert_close(window_weights(3, "hann", dtype=torch.float64),
-                               torch.tensor([0.5, 1.0, 0.5], dtype=torch.float64), rtol=0, atol=1e-15)
-
-
-def test_hann_weighted_average_by_hand():
-    windows = [[0, 1, 2], [1, 2, 3]]
-    w = window_weights(3, "hann", dtype=torch.float64)
-    acc = WindowAccumulator(4, "hann")
-    acc.add(windows[0], torch.full((1, 1, 3, 1, 1), 1.0, dtype=torch.float64))
-    acc.add(windows[1], torch.full((1, 1, 3, 1, 1), 3.0, dtype=torch.float64))
-    got = acc.result().reshape(-1)
-    frame1 = (w[1] * 1.0 + w[0] * 3.0) / (w[1] + w[0])
-    frame2 = (w[2] * 1.0 + w[1] * 3.0) / (w[2] + w[1])
-    expected = torch.stack([torch.tensor(1.0, dtype=torch.float64), frame1, frame2,
-                            torch.tensor(3.0, dtype=torch.float64)])
-    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-    # frame 1 is the middle of the first window and the edge of the second, so it leans to the first
-    assert got[1] < 2.0 < got[2]
-
-
 # -- fusion errors ------------------------------------------------------------------------------
 
 

@@ -10,27 +10,22 @@ changed), and a one-paragraph report for the node. Files are recognised by their
 - :func:`add_appa_lora`: a LoRA in peft, diffusers or kohya layout; no matching key is an error;
 - :func:`add_temporal_controlnet`: the OpenPose ControlNet plus temporal layers in its down
   blocks 2 and 3, from the authors' checkpoint or shared with the motion module;
-- :func:`add_ptm`: the pose-driven temperature map;
-- :func:`add_face_id`: a face adapter (ID-Animator or IP-Adapter FaceID SD1.5) fed by a ``TCAN_FACE``.
+- :func:`add_ptm`: the pose-driven temperature map.
+
+Face adapters are added by :func:`tcan_core.face.build.add_face_id`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import torch
 
 from ..models.errors import ModelFormatError
 from ..models.lora import LoraPatch, load_lora
-from .model import TCANModel, modules_on
+from .model import TCANModel
 from .patches import AppaLoraPatch, ControlNetPatch, MotionPatch, PTMPatch
-
-if TYPE_CHECKING:
-    from ..face.identity import FaceIdentity
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +55,7 @@ def load_tcan_model(checkpoint: str | os.PathLike, appearance: str | os.PathLike
 def add_motion_module(model: TCANModel, path: str | os.PathLike, dtype: torch.dtype | None = None,
                       lora_strength: float = 1.0) -> tuple[TCANModel, str]:
     """Add an AnimateDiff motion module, or the authors' stage-2 UNet (motion modules + APPA LoRA)."""
-    from ..models.motion import load_motion_module
+    from ..models.motion_module import load_motion_module
     from ..models.state_dict import read_shapes
     from ..models.tcan_ckpt import detect_tcan_checkpoint, load_tcan_unet
 
@@ -155,39 +150,4 @@ def add_ptm(model: TCANModel, tau: float) -> tuple[TCANModel, str]:
     patch.motion_of(model)
     report = ("PTM off (tau 0): plain temporal attention." if tau == 0 else
               f"PTM tau {tau:g}: temporal attention logits divided by T = {tau:g} * distance to the pose + 1.")
-    return model.with_patch(patch), report
-
-
-def add_face_id(model: TCANModel, adapter_path: str | os.PathLike, face: FaceIdentity,
-                clip_vision_path: str | os.PathLike | None = None, scale: float = 0.8,
-                lora_strength: float = 1.0, device: torch.device | str | None = None) -> tuple[TCANModel, str]:
-    """Add a face adapter (ID-Animator's animator.ckpt or ip-adapter-faceid_sd15.bin, told apart by their keys) for
-    ``face``; ID-Animator also needs the CLIP ViT-H/14 image encoder file ``clip_vision_path``, which runs on
-    ``device`` (default: where it was loaded, the CPU) for the face crops and goes back after. A face patch
-    already on the model is replaced."""
-    from ..face import FaceIDPatch, face_embeddings, load_clip_vision, load_face_adapter
-
-    weights = load_face_adapter(adapter_path, model.unet)
-    encoder = None
-    if weights.uses_image_encoder and clip_vision_path is not None:
-        encoder = load_clip_vision(clip_vision_path)
-    on_device = modules_on(torch.device(device), encoder) if device is not None else contextlib.nullcontext()
-    with on_device:
-        embeddings, uncond = face_embeddings(weights, face, encoder)
-    # The patch keeps its inputs on the CPU; the sampler moves the face tokens to its device.
-    embeddings, uncond = embeddings.cpu(), (uncond.cpu() if uncond is not None else None)
-    # ID-Animator projects each crop and mixes the tokens with the faces' weights; FaceID's single identity
-    # embedding is already the weighted mix.
-    face_weights = face.weights if weights.uses_image_encoder else None
-    patch = FaceIDPatch(weights, embeddings, scale=scale, uncond_embeddings=uncond, lora_strength=lora_strength,
-                        face_weights=face_weights)
-    if encoder is not None:
-        how = f"image encoder {Path(clip_vision_path).name}"
-    elif clip_vision_path is not None:
-        how = "identity embedding (the image encoder is not used)"
-    else:
-        how = "identity embedding"
-    lora = "no LoRA" if not weights.lora.weights else f"LoRA strength {lora_strength:g}"
-    report = (f"Face ID: {weights.kind} {Path(adapter_path).name}, {face.num_faces} face(s), scale {scale:g}, "
-              f"{weights.num_tokens} tokens after the text, {how}, {lora}.")
     return model.with_patch(patch), report

@@ -11,7 +11,7 @@ block 3 a ``DownBlock2D`` (one after each resnet) - the places AnimateDiff puts 
 :func:`tcan_core.animation.ptm.install_ptm` finds them at level i. In training-free mode
 :meth:`TemporalLayers.from_motion_adapter` shares the adapter's modules instead of copying them.
 :func:`temporal_controlnet_installed` hooks them into the ControlNet for one ``with`` block with the
-hooks and :class:`~tcan_core.animation.motion.MotionState` of :mod:`.motion`.
+hooks and :class:`~tcan_core.animation.temporal_hooks.MotionState` of :mod:`.temporal_hooks`.
 """
 
 from __future__ import annotations
@@ -22,12 +22,13 @@ from typing import Iterable, Iterator, Mapping
 
 import torch
 
+from ..bases import SD15
 from ..models.detect import FIX
-from .motion import MotionState, check_placement, temporal_hooks_installed, temporal_sites
+from .temporal_hooks import MotionState, check_placement, temporal_hooks_installed, temporal_sites
 
 log = logging.getLogger(__name__)
 
-TCAN_BLOCKS = (2, 3)
+TCAN_BLOCKS = SD15.controlnet_temporal_blocks
 
 
 class _MotionBlock(torch.nn.Module):

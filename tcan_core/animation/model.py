@@ -13,9 +13,11 @@ import contextlib
 import logging
 import threading
 from dataclasses import dataclass, field, replace
-from typing import Any, ContextManager, Iterator, Protocol
+from typing import Any, ContextManager, Iterator, Protocol, runtime_checkable
 
 import torch
+
+from .forward import ForwardHook
 
 log = logging.getLogger(__name__)
 
@@ -41,21 +43,54 @@ def modules_on(device: torch.device, *modules: torch.nn.Module | None) -> Iterat
             module.to(home)
 
 
+@dataclass(frozen=True, eq=False)
+class ContextTokens:
+    """Tokens a patch appends after the text context for one call (a face adapter's face tokens).
+
+    ``cond`` [1,n,C] goes after the positive context, ``uncond`` [1,n,C] after the negative one
+    (None: ``cond`` there too). Every context given to the denoising UNet during the call must end
+    with them, in the order the patches were applied, since the attention splits them off the end.
+    """
+
+    owner: str
+    cond: torch.Tensor
+    uncond: torch.Tensor | None = None
+
+
 @dataclass
 class RunState:
     """What one sampling call shares with the patches applied for it.
 
-    The sampler makes it; patches fill in what the sampler needs from them: ``motion`` is the
-    state the temporal layers read (frames per video, None for the appearance pass), ``ptm`` the
-    temperature-map state and tau of a PTM patch, ``controlnet`` the ControlNet patch in force.
+    The sampler makes it; ``motion`` is the state the temporal layers read (frames per video, None
+    for the appearance pass). Patches take part in the call through typed hook points only:
+    ``hooks`` (:class:`~tcan_core.animation.forward.ForwardHook`: per-window data, ControlNet
+    residuals, per-window attention state) and ``context_tokens`` (tokens after the text context);
+    they add to ``notes`` for the node's report. :meth:`hooked` adds a hook for a ``with`` block.
     """
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     motion: Any = None
-    ptm: Any = None
-    ptm_tau: float = 0.0
-    controlnet: Any = None
+    hooks: list[ForwardHook] = field(default_factory=list)
+    context_tokens: list[ContextTokens] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+    @contextlib.contextmanager
+    def hooked(self, hook: ForwardHook) -> Iterator[ForwardHook]:
+        """``hook`` in :attr:`hooks` for the ``with`` block, taken out after it (also on error)."""
+        self.hooks.append(hook)
+        try:
+            yield hook
+        finally:
+            self.hooks.remove(hook)
+
+
+@runtime_checkable
+class WindowLimited(Protocol):
+    """A patch that limits how many frames one window may have (a motion module's positional encoding)."""
+
+    @property
+    def max_frames(self) -> int:
+        ...
 
 
 class Patch(Protocol):
@@ -93,6 +128,11 @@ class TCANModel:
     def patch(self, key: str) -> Patch | None:
         """The last recorded patch of kind ``key``, if any."""
         return next((p for p in reversed(self.patches) if p.key == key), None)
+
+    def window_limit(self) -> WindowLimited | None:
+        """The patch that allows the fewest frames per window, or None when no patch limits them."""
+        limited = [p for p in self.patches if isinstance(p, WindowLimited)]
+        return min(limited, key=lambda p: p.max_frames) if limited else None
 
     def describe(self) -> str:
         parts = [p.key for p in self.patches] or ["no patches"]

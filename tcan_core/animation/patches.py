@@ -7,10 +7,14 @@ installs it on entry and removes it on exit, also when the call fails or is canc
 - :class:`AppaLoraPatch`: TCAN's APPA LoRA merged into the UNet's weights and taken out again (``lora``);
 - :class:`ControlNetPatch`: the OpenPose ControlNet, with temporal layers in its down blocks 2
   and 3 when it has them (``controlnet``);
-- :class:`PTMPatch`: the pose-driven temperature map in the temporal attention (``ptm``).
+- :class:`PTMPatch`: the pose-driven temperature map in the temporal attention (``ptm``);
+- :class:`tcan_core.face.FaceIDPatch` (in :mod:`tcan_core.face`, above this package): a face adapter's
+  tokens after the text and its attention branch in every cross-attention (``face_id``).
 
 Modules a patch brings (motion adapter, ControlNet) are moved to the sampling device for the
-call and back to where they were after it.
+call and back to where they were after it. A patch takes part in sampling only through typed hook
+points on the call's ``RunState`` (:mod:`.forward`): the ControlNet gives residuals, PTM sets the
+window's temperature map; the sampler names no patch.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ import torch
 
 from ..models.lora import LoraPatch
 from .model import RunState, TCANModel, modules_on
-from .ptm import DEFAULT_TAU, PTMState, ptm_installed
+from .forward import ForwardHook, Residuals, WindowCall
+from .ptm import DEFAULT_TAU, PTMState, ptm_installed, temperature_map
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +50,7 @@ class MotionPatch:
 
     @contextlib.contextmanager
     def applied(self, model: TCANModel, run: RunState) -> Iterator[None]:
-        from .motion import check_motion_fits, motion_installed
+        from .temporal_hooks import check_motion_fits, motion_installed
 
         check_motion_fits(model.unet, self.adapter, self.source)
         with modules_on(run.device, self.adapter), motion_installed(model.unet, self.adapter, run.motion):
@@ -103,11 +108,8 @@ class ControlNetPatch:
                 check_temporal_fits(self.controlnet, self.temporal, self.source)
                 stack.enter_context(modules_on(run.device, self.temporal))
                 stack.enter_context(temporal_controlnet_installed(self.controlnet, self.temporal, run.motion))
-            run.controlnet = self
-            try:
-                yield
-            finally:
-                run.controlnet = None
+            stack.enter_context(run.hooked(_ControlNetHook(self)))
+            yield
 
 
 @dataclass(frozen=True, eq=False)
@@ -137,9 +139,39 @@ class PTMPatch:
             yield
             return
         state = PTMState()
-        with ptm_installed(motion.adapter, state):
-            run.ptm, run.ptm_tau = state, self.tau
-            try:
-                yield
-            finally:
-                run.ptm, run.ptm_tau = None, 0.0
+        with ptm_installed(motion.adapter, state), run.hooked(_PTMHook(state, self.tau)):
+            yield
+
+
+class _ControlNetHook(ForwardHook):
+    """The ControlNet's residuals for a window, at batch f, on the steps its patch is active."""
+
+    def __init__(self, patch: ControlNetPatch) -> None:
+        self.patch = patch
+
+    def residuals(self, call: WindowCall) -> Residuals | None:
+        patch = self.patch
+        if not patch.active(call.step, call.steps):
+            return None
+        call.motion.num_frames = call.temporal_frames
+        return patch.controlnet(call.latents, call.timestep,
+                                encoder_hidden_states=call.text.expand(call.frames, -1, -1).to(call.latents.dtype),
+                                controlnet_cond=call.poses, conditioning_scale=patch.strength, return_dict=False)
+
+
+class _PTMHook(ForwardHook):
+    """The window's temperature map (TCAN PTM), set on the temporal attentions around the UNet call."""
+
+    def __init__(self, state: PTMState, tau: float) -> None:
+        self.state = state
+        self.tau = tau
+
+    def prepare_window(self, pose_images: torch.Tensor) -> torch.Tensor:
+        """T of the window [H,W] from its pose images [f,H,W,3]."""
+        return temperature_map(pose_images, self.tau)
+
+    def enter_window(self, prepared: torch.Tensor, latent_size: tuple[int, int]) -> None:
+        self.state.set(prepared, latent_size)
+
+    def exit_window(self) -> None:
+        self.state.clear()

@@ -16,13 +16,10 @@ attention (``...motion_modules...attn1/attn2``) of a diffusers ``UNetMotionModel
 ``MotionAdapter`` and returns the processors it replaced; :func:`restore_processors` puts them
 back. :func:`ptm_installed` does both around a ``with`` block.
 
-Which h x w a layer has: diffusers' SD1.5 UNet halves the latent with a stride-2 convolution
-(kernel 3, padding 1) after every down block but the last, so level k works at
-``h_k = ceil(h_{k-1} / 2)``, ``w_k = ceil(w_{k-1} / 2)`` (``h_0 x w_0`` is the latent), and the up
-blocks upsample back to the skip sizes. ``down_blocks.i`` runs at level i, ``mid_block`` at level
-``len(down_blocks) - 1`` and ``up_blocks.i`` at level ``len(up_blocks) - 1 - i``;
-:func:`install_ptm` reads the level from each attention's module path. A processor made without a
-level takes the largest size of that chain whose ``h * w`` divides the rows it receives; that
+Which h x w a layer has: the level and size rule of :mod:`tcan_core.attention.unet_map`, from which
+:func:`install_ptm` takes each temporal attention's level. A processor made without a level takes
+the largest size of that chain whose ``h * w`` divides the rows it receives
+(:func:`~tcan_core.attention.unet_map.chain_size`); that
 guess is wrong when the batch is a multiple of the area ratio between two levels (a batch of 4 at
 level 1 has as many rows as a batch of 1 at level 0), which is why :func:`install_ptm` always
 passes the level.
@@ -40,7 +37,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import attention
+from ..attention.processor import ComposedAttnProcessor, Contribution
+from ..attention.unet_map import ROLE_TEMPORAL, chain_size, level_size, unet_map
+from ..images import check_image_batch
 from .windows import DEFAULT_CONTEXT_LENGTH, DEFAULT_CONTEXT_OVERLAP, context_windows
 
 log = logging.getLogger(__name__)
@@ -66,10 +65,8 @@ def temperature_map(pose_images: torch.Tensor, tau: float = DEFAULT_TAU,
     drawn pixel (B empty) there is no person to measure from and T = 1 everywhere, as it is for
     tau = 0. The result has the device and dtype of ``pose_images``.
     """
-    if not isinstance(pose_images, torch.Tensor) or pose_images.ndim != 4 or pose_images.shape[-1] != 3:
-        shape = tuple(pose_images.shape) if isinstance(pose_images, torch.Tensor) else type(pose_images).__name__
-        raise ValueError(f"pose_images must be an IMAGE batch [F,H,W,3], got {shape}; "
-                         "connect the rendered pose images (Pose Render output)")
+    check_image_batch(pose_images, "pose_images", "connect the rendered pose images (Pose Render output)",
+                      "[F,H,W,3]")
     if not pose_images.is_floating_point():
         raise ValueError(f"pose_images must be float in 0..1, got dtype {pose_images.dtype}; "
                          "convert with images.float() / 255")
@@ -114,14 +111,6 @@ def resize_temperature(temperature: torch.Tensor, height: int, width: int) -> to
         raise ValueError(f"height and width must be positive integers, got {height} x {width}")
     resized = F.interpolate(temperature[None, None], size=(int(height), int(width)), mode="nearest")
     return resized[0, 0]
-
-
-def level_size(latent_size: tuple[int, int], level: int) -> tuple[int, int]:
-    """Spatial size of UNet level ``level`` for a latent of ``latent_size``: halve with ceil per level."""
-    height, width = latent_size
-    for _ in range(level):
-        height, width = -(-height // 2), -(-width // 2)
-    return height, width
 
 
 class PTMState:
@@ -188,14 +177,7 @@ class PTMState:
                                  f"{self._latent_size[1]} latent; set the state with the latent size of the "
                                  "window being sampled")
             return height, width
-        size = self._latent_size
-        while True:
-            if rows % (size[0] * size[1]) == 0:
-                return size
-            if size == (1, 1):
-                raise ValueError(f"{rows} rows cannot be split into locations of a {self._latent_size[0]} x "
-                                 f"{self._latent_size[1]} latent")
-            size = level_size(size, 1)
+        return chain_size(self._latent_size, rows)
 
     def inverse_rows(self, height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """1 / T resized to ``height`` x ``width``, flattened row-major (y * w + x); [h*w]."""
@@ -210,7 +192,7 @@ class PTMState:
         return cached
 
 
-class PTMAttnProcessor:
+class PTMAttnProcessor(ComposedAttnProcessor, Contribution):
     """diffusers ``AttnProcessor2_0`` for temporal attention with logits divided by the PTM, TCAN.
 
     Receives ``hidden_states`` [B*h*w, F, C] (rows ordered batch, y, x as
@@ -226,6 +208,9 @@ class PTMAttnProcessor:
     set (or a map of ones), it runs exactly the operations of ``AttnProcessor2_0``; with several
     chunks the projections see fewer rows, which matrix-multiply kernels may round differently
     (float tolerance).
+
+    It is the composed processor of :mod:`tcan_core.attention.processor` with the PTM as its first
+    contribution (a query scale and row chunks); other contributions may follow it.
     """
 
     def __init__(self, state: PTMState, level: int | None = None,
@@ -238,6 +223,7 @@ class PTMAttnProcessor:
                                         or chunk_bytes < 1):
             raise ValueError(f"chunk_bytes must be a whole number of bytes >= 1, or None for no chunking; "
                              f"got {chunk_bytes!r}")
+        super().__init__([self])
         self.state = state
         self.level = level
         self.chunk_bytes = chunk_bytes
@@ -248,49 +234,18 @@ class PTMAttnProcessor:
             return rows
         return max(1, min(rows, self.chunk_bytes // max(1, frames * channels * element_size)))
 
-    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
-                 *args: Any, **kwargs: Any) -> torch.Tensor:
-        """[B*h*w, F, C] -> [B*h*w, F, C]: temporal attention with softmax(q k^T * scale / T) v."""
+    def check(self, hidden_states: torch.Tensor) -> None:
+        """PTM needs temporal attention's [B*h*w, frames, C]."""
         if hidden_states.ndim != 3:
             raise ValueError(f"PTM applies to temporal attention with hidden states [B*h*w, frames, C], got "
                              f"{tuple(hidden_states.shape)}; install it only on motion-module attentions")
-        prepared = attention.begin(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        hidden_states, residual, attention_mask = prepared.hidden_states, prepared.residual, prepared.attention_mask
-        rows, frames, channels = hidden_states.shape
-        inverse = None
-        if self.state.active:
-            inverse = inverse_temperature_per_row(self.state, rows, self.level, hidden_states.device,
-                                                  hidden_states.dtype)
 
-        width = max(channels, int(getattr(attn, "inner_dim", channels)))
-        chunk = self.chunk_rows(rows, frames, width, hidden_states.element_size())
-        if chunk >= rows:
-            return self._attend(attn, hidden_states, residual, encoder_hidden_states, attention_mask, inverse)
-        out = None
-        for start in range(0, rows, chunk):
-            part = slice(start, min(start + chunk, rows))
-            result = self._attend(
-                attn, hidden_states[part], residual[part],
-                None if encoder_hidden_states is None else encoder_hidden_states[part],
-                None if attention_mask is None else attention_mask[part],
-                None if inverse is None else inverse[part])
-            if out is None:
-                out = result.new_empty((rows, *result.shape[1:]))
-            out[part] = result
-            del result
-        return out
-
-    @staticmethod
-    def _attend(attn: Any, hidden_states: torch.Tensor, residual: torch.Tensor,
-                encoder_hidden_states: torch.Tensor | None, attention_mask: torch.Tensor | None,
-                inverse: torch.Tensor | None) -> torch.Tensor:
-        """``AttnProcessor2_0`` on rows [R, F, C] with the query of row r scaled by ``inverse[r]`` -> [R, F, C]."""
-        query, key, value = attention.project(attn, hidden_states, encoder_hidden_states)
-        hidden_states = attention.multi_head_attention(attn, query, key, value, attention_mask, row_scale=inverse)
-        # Free q, k, v before the output projection: they are most of the peak.
-        del query, key, value
-        return attention.finish(attn, hidden_states, residual)
+    def query_scale(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """1 / T per row [B*h*w] while a map other than all ones is set, else None (plain attention)."""
+        if not self.state.active:
+            return None
+        return inverse_temperature_per_row(self.state, hidden_states.shape[0], self.level, hidden_states.device,
+                                           hidden_states.dtype)
 
 
 def inverse_temperature_per_row(state: PTMState, rows: int, level: int | None, device: torch.device,
@@ -300,39 +255,13 @@ def inverse_temperature_per_row(state: PTMState, rows: int, level: int | None, d
     return state.inverse_rows(height, width, device, dtype).repeat(rows // (height * width))
 
 
-def scale_query_by_temperature_(query: torch.Tensor, state: PTMState, level: int | None = None) -> torch.Tensor:
-    """Multiply query row (b, y, x) by 1 / T[y, x] in place, TCAN PTM; [B*h*w, heads, F, d] -> same tensor."""
-    inverse = inverse_temperature_per_row(state, query.shape[0], level, query.device, query.dtype)
-    return query.mul_(inverse.view(-1, 1, 1, 1))
-
-
 def temporal_attention_levels(module: torch.nn.Module) -> dict[str, int | None]:
-    """Every temporal attention (``...motion_modules...`` Attention) of ``module`` and its UNet level."""
-    from diffusers.models.attention_processor import Attention
-
-    found: dict[str, int | None] = {}
-    for name, sub in module.named_modules():
-        if not isinstance(sub, Attention) or "motion_modules" not in name.split("."):
-            continue
-        found[name] = _level_from_path(module, name)
-        if found[name] is None:
+    """Every temporal attention (``...motion_modules...`` Attention) of ``module`` and its UNet level (the UNet map)."""
+    found = {site.path: site.level for site in unet_map(module).with_role(ROLE_TEMPORAL)}
+    for name, level in found.items():
+        if level is None:
             log.debug("temporal attention %s is outside down/mid/up blocks; its size is inferred from rows", name)
     return found
-
-
-def _level_from_path(module: torch.nn.Module, name: str) -> int | None:
-    parts = name.split(".")
-    at = parts.index("motion_modules")
-    if at >= 1 and parts[at - 1] == "mid_block":
-        owner = module.get_submodule(".".join(parts[: at - 1]))
-        return len(owner.down_blocks) - 1 if hasattr(owner, "down_blocks") else None
-    if at >= 2 and parts[at - 1].isdigit() and parts[at - 2] in ("down_blocks", "up_blocks"):
-        index = int(parts[at - 1])
-        if parts[at - 2] == "down_blocks":
-            return index
-        owner = module.get_submodule(".".join(parts[: at - 2]))
-        return len(owner.up_blocks) - 1 - index
-    return None
 
 
 def install_ptm(module: torch.nn.Module, state: PTMState) -> dict[str, Any]:
@@ -348,13 +277,14 @@ def install_ptm(module: torch.nn.Module, state: PTMState) -> dict[str, Any]:
     if not levels:
         raise ValueError(f"{type(module).__name__} has no temporal attention (no 'motion_modules'); PTM needs "
                          "the AnimateDiff motion module: connect TCAN Motion Module before TCAN PTM")
-    processors: dict[int | None, PTMAttnProcessor] = {}
     originals: dict[str, Any] = {}
     for name, level in levels.items():
         attn = module.get_submodule(name)
         originals[name] = attn.processor
-        processor = processors.setdefault(level, PTMAttnProcessor(state, level))
-        attn.set_processor(processor)
+        if isinstance(attn.processor, ComposedAttnProcessor):
+            attn.processor.contributions.append(PTMAttnProcessor(state, level))
+        else:
+            attn.set_processor(PTMAttnProcessor(state, level))
     log.debug("PTM installed on %d temporal attentions of %s", len(originals), type(module).__name__)
     return originals
 
@@ -367,7 +297,13 @@ def restore_processors(module: torch.nn.Module, originals: dict[str, Any]) -> No
         except AttributeError as error:
             raise ValueError(f"{type(module).__name__} has no attention {name!r} to restore; pass the module "
                              "install_ptm was called on") from error
-        attn.set_processor(processor)
+        current = attn.processor
+        if current is processor and isinstance(current, ComposedAttnProcessor):
+            # PTM was appended to a composed processor already there: take it out again.
+            current.contributions = [c for c in current.contributions
+                                     if c is current or not isinstance(c, PTMAttnProcessor)]
+        else:
+            attn.set_processor(processor)
 
 
 @contextlib.contextmanager

@@ -33,9 +33,8 @@ every :class:`ReferenceAttnProcessor` does: ``"write"`` inside :meth:`ReferenceB
 bank, one processor per ``attn1`` serves both passes when the appearance UNet is the denoising
 UNet itself (training-free mode). :func:`reference_attention` installs the processors on the
 mid/up ``attn1`` of each UNet for a ``with`` block and restores the original processor objects
-after it. A layer's h x w comes from its UNet level (:func:`reference_layers` reads it from the
-module path) and the latent size given to :meth:`ReferenceBank.set_read`, via
-:func:`~tcan_core.animation.ptm.level_size`.
+after it. A layer's h x w comes from its UNet level (from the UNet map,
+:mod:`tcan_core.attention.unet_map`) and the latent size given to :meth:`ReferenceBank.set_read`.
 """
 
 from __future__ import annotations
@@ -48,8 +47,9 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
-from . import attention
-from .ptm import level_size
+from ..attention import steps as attention
+from ..attention.processor import ComposedAttnProcessor, Contribution, contributing
+from ..attention.unet_map import BLOCK_MID, BLOCK_UP, ROLE_SPATIAL_SELF, chain_size, level_size, unet_map
 
 log = logging.getLogger(__name__)
 
@@ -302,14 +302,16 @@ class ReferenceBank:
         )
 
 
-class ReferenceAttnProcessor:
+class ReferenceAttnProcessor(ComposedAttnProcessor, Contribution):
     """diffusers ``AttnProcessor2_0`` for ``attn1`` that writes or reads reference tokens, TCAN and TPC.
 
     Receives ``hidden_states`` [B,N,C]. Bank mode ``"write"``: stores them (after the attention's
     own spatial/group norm, which SD1.5's ``attn1`` does not have) under ``name``, then plain
     self-attention. ``"read"``: rows flagged in ``use_reference`` attend over ``[frame; ref]``
     (plus masked calibrated tokens, see the module docstring), the others plain. ``"off"``: the
-    operations of ``AttnProcessor2_0``, bit for bit.
+    operations of ``AttnProcessor2_0``, bit for bit. It is the composed processor of
+    :mod:`tcan_core.attention.processor` with the reference as its first contribution (it observes
+    the tokens and replaces the attention of rows that read the reference).
     """
 
     def __init__(self, bank: ReferenceBank, name: str, level: int | None = None) -> None:
@@ -317,24 +319,25 @@ class ReferenceAttnProcessor:
             raise ValueError(f"bank must be a ReferenceBank, got {type(bank).__name__}")
         if level is not None and (isinstance(level, bool) or int(level) != level or level < 0):
             raise ValueError(f"level must be a UNet level >= 0 or None, got {level}")
+        super().__init__([self])
         self.bank = bank
         self.name = name
         self.level = level
 
-    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
-                 *args: Any, **kwargs: Any) -> torch.Tensor:
-        """[B,N,C] -> [B,N,C]: self-attention, over ``[frame; ref(; cal)]`` for rows that use the reference."""
-        prepared = attention.begin(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        mode = self.bank.mode
-        if mode == MODE_WRITE:
-            self.bank.store(self.name, prepared.hidden_states)
-        query, key, value = attention.project(attn, prepared.hidden_states, encoder_hidden_states)
-        if mode == MODE_READ and self.bank.reads_reference:
-            hidden_states = self._read(attn, query, key, value, prepared.attention_mask)
-        else:
-            hidden_states = attention.multi_head_attention(attn, query, key, value, prepared.attention_mask)
-        return attention.finish(attn, hidden_states, prepared.residual, prepared.shape_4d)
+    def observe(self, hidden_states: torch.Tensor) -> None:
+        """Write mode: store the tokens [B,N,C] under this layer's name."""
+        if self.bank.mode == MODE_WRITE:
+            self.bank.store(self.name, hidden_states)
+
+    def attend(self, attn: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               mask: torch.Tensor | None, row_scale: torch.Tensor | None) -> torch.Tensor | None:
+        """Read mode with a row that uses the reference: attention over ``[frame; ref(; cal)]``; else None."""
+        if self.bank.mode != MODE_READ or not self.bank.reads_reference:
+            return None
+        if row_scale is not None:
+            raise ValueError(f"layer {self.name!r} reads the reference and another contribution scales its query; "
+                             "reference attention does not take a query scale")
+        return self._read(attn, query, key, value, mask)
 
     def layer_size(self, tokens: int) -> tuple[int, int]:
         """(h, w) of this layer for the bank's latent size: its level's, or the chain size with h * w == tokens."""
@@ -348,9 +351,7 @@ class ReferenceAttnProcessor:
                                  f"{height} x {width} of a {latent[0]} x {latent[1]} latent; pass set_read the "
                                  "latent size of the batch being denoised")
             return height, width
-        size = latent
-        while size[0] * size[1] > tokens:
-            size = level_size(size, 1)
+        size = chain_size(latent, tokens)
         if size[0] * size[1] != tokens:
             raise ValueError(f"layer {self.name!r} got {tokens} tokens, no level of a {latent[0]} x {latent[1]} "
                              "latent has that many; pass set_read the latent size of the batch being denoised")
@@ -434,20 +435,11 @@ def _with_reference(frame: torch.Tensor, reference: torch.Tensor, index: torch.T
 
 def reference_layers(unet: torch.nn.Module) -> dict[str, int]:
     """The ``attn1`` module paths in the mid block and up blocks of an SD1.5 UNet -> their UNet level."""
-    from diffusers.models.attention_processor import Attention
-
     if not hasattr(unet, "down_blocks") or not hasattr(unet, "up_blocks"):
         raise ValueError(f"{type(unet).__name__} is not a diffusers SD1.5 UNet (no down_blocks / up_blocks); pass "
                          "a UNet2DConditionModel or UNetMotionModel")
-    found: dict[str, int] = {}
-    for name, module in unet.named_modules():
-        parts = name.split(".")
-        if not isinstance(module, Attention) or parts[-1] != "attn1" or "motion_modules" in parts:
-            continue
-        if parts[0] == "mid_block":
-            found[name] = len(unet.down_blocks) - 1
-        elif parts[0] == "up_blocks" and len(parts) > 1 and parts[1].isdigit():
-            found[name] = len(unet.up_blocks) - 1 - int(parts[1])
+    found = {site.path: site.level for site in unet_map(unet).with_role(ROLE_SPATIAL_SELF, (BLOCK_MID, BLOCK_UP))
+             if site.path.split(".")[0] in ("mid_block", "up_blocks")}
     if not found:
         raise ValueError(f"{type(unet).__name__} has no self-attention (attn1) in its mid or up blocks; reference "
                          "attention needs an SD1.5 UNet with transformer blocks")
@@ -470,21 +462,14 @@ def reference_attention(bank: ReferenceBank, *unets: torch.nn.Module) -> Iterato
         if not any(unet is seen for seen in distinct):
             distinct.append(unet)
     layers = [(unet, reference_layers(unet)) for unet in distinct]
-    originals: list[tuple[torch.nn.Module, dict[str, Any]]] = []
-    try:
+    with contextlib.ExitStack() as stack:
         for unet, levels in layers:
-            saved: dict[str, Any] = {}
-            originals.append((unet, saved))
-            for name, level in levels.items():
-                attn = unet.get_submodule(name)
-                saved[name] = attn.processor
-                attn.set_processor(ReferenceAttnProcessor(bank, name, level))
-            log.debug("reference attention on %d attn1 of %s", len(saved), type(unet).__name__)
+            contributions = {name: ReferenceAttnProcessor(bank, name, level) for name, level in levels.items()}
+            # A processor already composed on an attn1 gets the reference appended; any other is replaced
+            # by the reference processor itself (the contribution is its own processor).
+            stack.enter_context(contributing(unet, contributions, lambda contribution: contribution))
+            log.debug("reference attention on %d attn1 of %s", len(contributions), type(unet).__name__)
         yield bank
-    finally:
-        for unet, saved in reversed(originals):
-            for name, processor in saved.items():
-                unet.get_submodule(name).set_processor(processor)
 
 
 def _check_group(group: str) -> None:

@@ -11,11 +11,11 @@ guidance 7.5, empty prompts, windows of 16 frames with overlap 4. One call of
 4. apply the model's patches for this call (motion module, APPA LoRA, temporal ControlNet,
    PTM) and install reference attention;
 5. for every step: run the appearance UNet once on the clean reference latent (its mid/up
-   self-attention inputs go into the bank); for every window of frames: the ControlNet at batch
-   1 (its residuals serve both halves of guidance), the calibrated references of the window
-   through the appearance UNet, the denoising UNet on ``[uncond ; cond]`` with the reference
-   left out of the unconditional half, guidance, and the window's prediction added to the
-   MultiDiffusion average; then one scheduler step on the whole clip;
+   self-attention inputs go into the bank); for every window of frames: its guided noise
+   prediction (:func:`~.forward.window_forward`: the ControlNet's residuals, the calibrated
+   references of the window through the appearance UNet, the denoising UNet on
+   ``[uncond ; cond]`` with the reference left out of the unconditional half, guidance), added
+   to the MultiDiffusion average; then one scheduler step on the whole clip;
 6. decode the latents in chunks of frames, moving each chunk to the CPU.
 
 Memory stays flat in the clip length: only the latents ``[F,4,h,w]`` and the decoded frames
@@ -35,9 +35,13 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..attention.context import append_tokens
+from ..bases import SD15
+from ..images import check_image_batch
 from .model import RunState, TCANModel, modules_on
-from .ptm import temperature_map
+from .forward import WindowCall, WindowInput, appearance_pass, window_forward
 from .schedulers import DEFAULT_SCHEDULER, SCHEDULERS, make_scheduler
+from .temporal_hooks import MotionState
 from .text import check_context, match_token_lengths
 from .vae import SD15_LATENT_SCALE, VAELike
 from .windows import DEFAULT_CONTEXT_LENGTH, DEFAULT_CONTEXT_OVERLAP, WindowAccumulator, iterate_windows
@@ -52,10 +56,7 @@ NOISE_MODES = (NOISE_INDEPENDENT, NOISE_REPEATED)
 ASPECT_TOLERANCE = 0.02
 DEFAULT_DECODE_CHUNK = 16
 
-# SD1.5 latent -> RGB, a linear fit used for cheap previews (the factors ComfyUI's and
-# A1111's live previews use for SD1.x latents).
-_LATENT_RGB = torch.tensor([[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350],
-                            [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]])
+_LATENT_RGB = SD15.latent_rgb_matrix()
 
 ProgressCallback = Callable[[int, "torch.Tensor | None"], None]
 
@@ -140,12 +141,6 @@ def fit_images(images: torch.Tensor, width: int, height: int, what: str) -> torc
     return x.movedim(1, -1).clamp(0.0, 1.0).to(images.dtype)
 
 
-def _check_images(images: torch.Tensor, what: str, hint: str) -> None:
-    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[-1] != 3:
-        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"{what} must be an IMAGE batch [B,H,W,3], got {shape}; {hint}")
-
-
 def initial_noise(num_frames: int, shape: tuple[int, int, int], seed: int, mode: str, window: int) -> torch.Tensor:
     """Initial noise [F,C,h,w] from ``seed`` on the CPU (the same on every device).
 
@@ -177,9 +172,9 @@ def _encode(vae: VAELike, images: torch.Tensor, device: torch.device, dtype: tor
 @dataclass(frozen=True)
 class _Contexts:
     """Text contexts of one call: ``text`` for the ControlNet; ``positive``/``negative`` for the denoising
-    UNet, with a face-ID patch's tokens appended after the text; ``appearance`` for the reference pass
-    (with the face tokens only when the appearance UNet is the denoising UNet, whose cross-attention
-    then splits them off)."""
+    UNet, with the patches' context tokens (face adapters) appended after the text; ``appearance`` for the
+    reference pass (with those tokens only when the appearance UNet is the denoising UNet, whose
+    cross-attention then splits them off)."""
 
     text: torch.Tensor
     positive: torch.Tensor
@@ -188,29 +183,27 @@ class _Contexts:
 
     @classmethod
     def for_run(cls, run: RunState, positive: torch.Tensor, negative: torch.Tensor, shared: bool) -> "_Contexts":
-        face = getattr(run, "face_tokens", None)
-        if face is None:
+        if not run.context_tokens:
             return cls(positive, positive, negative, positive)
-        from ..face import append_face_tokens
-
-        face_uncond = getattr(run, "face_tokens_uncond", None)
-        with_face = append_face_tokens(positive, face)
-        return cls(positive, with_face, append_face_tokens(negative, face if face_uncond is None else face_uncond),
-                   with_face if shared else positive)
+        extended, extended_negative = positive, negative
+        for extra in run.context_tokens:
+            extended = append_tokens(extended, extra.cond)
+            extended_negative = append_tokens(extended_negative, extra.cond if extra.uncond is None else extra.uncond)
+        return cls(positive, extended, extended_negative, extended if shared else positive)
 
 
 class _Window:
     """What a window needs at every step, prepared once and kept on the CPU (small: no pixels of the clip).
 
-    ``temperature`` is the PTM map [H,W]; ``calibrated`` holds the calibrated images the window
-    uses, each frame's index among them, the driving person masks at latent size and the warped
-    reference masks.
+    ``prepared`` holds each hook's window data (PTM: the map [H,W]); ``calibrated`` holds the
+    calibrated images the window uses, each frame's index among them, the driving person masks at
+    latent size and the warped reference masks.
     """
 
-    def __init__(self, frames: tuple[int, ...], temperature: torch.Tensor | None,
+    def __init__(self, frames: tuple[int, ...], prepared: list,
                  calibrated: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None) -> None:
         self.frames = frames
-        self.temperature = temperature
+        self.prepared = prepared
         self.calibrated = calibrated
 
 
@@ -233,13 +226,13 @@ def sample_animation(model: TCANModel, reference: torch.Tensor | None, poses: to
 
     # 1. Inputs.
     settings.check()
-    _check_images(poses, "the pose images", "connect the rendered poses (TCAN Pose Render)")
+    check_image_batch(poses, "the pose images", "connect the rendered poses (TCAN Pose Render)")
     if reference is None:
         if calibration is not None:
             raise ValueError("a TPC calibration needs the reference image it was made from; connect the reference "
                              "or remove the calibration")
     else:
-        _check_images(reference, "the reference", "connect one image (Load Image)")
+        check_image_batch(reference, "the reference", "connect one image (Load Image)")
     if reference is not None and reference.shape[0] != 1:
         raise ValueError(f"the reference is a batch of {reference.shape[0]} images; TCAN animates one character "
                          "from one image: pick one with an ImageFromBatch node")
@@ -253,11 +246,11 @@ def sample_animation(model: TCANModel, reference: torch.Tensor | None, poses: to
     if calibration is not None and calibration.num_frames != num_frames:
         raise ValueError(f"the calibration covers {calibration.num_frames} driving frames but {num_frames} pose "
                          "images were given; calibrate with the same driving poses that were rendered")
-    motion = model.patch("motion") if temporal else None
-    if motion is not None and min(settings.context_length, num_frames) > motion.max_frames:
+    limit = model.window_limit() if temporal else None
+    if limit is not None and min(settings.context_length, num_frames) > limit.max_frames:
         raise ValueError(f"context length {settings.context_length} is longer than the motion module's "
-                         f"{motion.max_frames}-frame positional encoding; use a context length of at most "
-                         f"{motion.max_frames}")
+                         f"{limit.max_frames}-frame positional encoding; use a context length of at most "
+                         f"{limit.max_frames}")
 
     width, height = settings.width, settings.height
     if reference is not None:
@@ -268,7 +261,7 @@ def sample_animation(model: TCANModel, reference: torch.Tensor | None, poses: to
     appearance = model.appearance_unet if model.appearance_unet is not None else unet
     dtype = next(unet.parameters()).dtype
     positive, negative = positive.to(device), negative.to(device)
-    latent_size = (height // 8, width // 8)
+    latent_size = (height // SD15.vae_factor, width // SD15.vae_factor)
     notes: list[str] = []
 
     with modules_on(device, unet, appearance if reference is not None else None):
@@ -287,25 +280,22 @@ def sample_animation(model: TCANModel, reference: torch.Tensor | None, poses: to
         if "generator" in inspect.signature(scheduler.step).parameters:
             # Modulo 2**64: the node allows seeds up to 2**64 - 1, and a generator takes no more.
             step_kwargs["generator"] = torch.Generator("cpu").manual_seed((int(settings.seed) + 1) % 2**64)
-        latents = initial_noise(num_frames, (4, *latent_size), settings.seed, settings.noise,
+        latents = initial_noise(num_frames, (SD15.latent_channels, *latent_size), settings.seed, settings.noise,
                                 settings.context_length).to(device=device, dtype=torch.float32)
         latents = latents * scheduler.init_noise_sigma
 
         plan = iterate_windows(num_frames, settings.steps, settings.context_length, settings.context_overlap,
                                settings.closed_loop)
         accumulator = WindowAccumulator(num_frames)
-        guided = settings.cfg > 1.0
-        from .motion import MotionState
-
         run = RunState(device=device, motion=MotionState(num_frames=None), notes=notes)
         bank = ReferenceBank() if reference is not None else None
-        frames_of = (lambda frames: frames) if temporal else (lambda frames: None)
         windows: dict[int, _Window] = {}
 
         # 4. Patches and reference attention for exactly this call.
         with model.patched(run), (reference_attention(bank, unet, appearance) if bank is not None
                                   else contextlib.nullcontext()):
             contexts = _Contexts.for_run(run, positive, negative, shared=appearance is unet)
+            # 5. Steps x windows, then one scheduler step per sampling step.
             for task in plan:
                 if check_cancel is not None:
                     check_cancel()
@@ -313,14 +303,15 @@ def sample_animation(model: TCANModel, reference: torch.Tensor | None, poses: to
                 if task.first_in_step:
                     accumulator.reset()
                     if bank is not None:
-                        _appearance_pass(appearance, bank, run, "reference", ref_latent, t, contexts.appearance)
+                        appearance_pass(appearance, bank, run.motion, "reference", ref_latent, t,
+                                        contexts.appearance)
                 window = windows.get(task.window)
                 if window is None:
                     window = _prepare_window(task.frames, poses, run, calibration, cal_key_masks, latent_size)
                     windows[task.window] = window
-                prediction = _denoise_window(unet, appearance, bank, run, scheduler, latents, poses, window, t,
-                                             task.step, settings, contexts, cal_latents, latent_size, guided,
-                                             device, dtype, frames_of)
+                prediction = window_forward(unet, appearance, bank, run.hooks, _window_input(
+                    window, scheduler, latents, poses, t, task.step, settings, contexts, cal_latents, latent_size,
+                    run, dtype, device, temporal))
                 accumulator.add(task.frames, prediction.movedim(0, 1)[None])
                 preview = None
                 if task.last_in_step:
@@ -369,20 +360,12 @@ def decode_frames(vae: VAELike, raw_latents: torch.Tensor, chunk: int = DEFAULT_
     return frames
 
 
-def _appearance_pass(appearance: torch.nn.Module, bank, run: RunState, group: str, latents: torch.Tensor,
-                     t: torch.Tensor, context: torch.Tensor) -> None:
-    """The appearance UNet on clean reference latents [R,4,h,w] at timestep ``t``: fills ``group`` of the bank."""
-    run.motion.num_frames = None
-    with bank.writing(group):
-        appearance(latents, t, encoder_hidden_states=context.expand(latents.shape[0], -1, -1).to(latents.dtype),
-                   return_dict=False)
-
-
 def _prepare_window(frames: tuple[int, ...], poses: torch.Tensor, run: RunState, calibration,
                     cal_key_masks: torch.Tensor | None, latent_size: tuple[int, int]) -> _Window:
-    """The window's PTM map and calibration indices and masks, on the CPU."""
+    """The hooks' window data (PTM map) and calibration indices and masks, on the CPU."""
     index = list(frames)
-    temperature = temperature_map(poses[index].float(), run.ptm_tau) if run.ptm is not None else None
+    window_poses = poses[index].float() if run.hooks else None
+    prepared = [hook.prepare_window(window_poses) for hook in run.hooks]
     calibrated = None
     if calibration is not None:
         cal_index = torch.as_tensor(calibration.frame_to_calibrated[index], dtype=torch.long)
@@ -393,62 +376,19 @@ def _prepare_window(frames: tuple[int, ...], poses: torch.Tensor, run: RunState,
         query = F.interpolate(calibration.driving_person_masks(index).float()[:, None], size=latent_size,
                               mode="area")[:, 0]
         calibrated = (used, local, query, cal_key_masks[used])
-    return _Window(frames, temperature, calibrated)
+    return _Window(frames, prepared, calibrated)
 
 
-def _denoise_window(unet: torch.nn.Module, appearance: torch.nn.Module, bank, run: RunState, scheduler,
-                    latents: torch.Tensor, poses: torch.Tensor, window: _Window, t: torch.Tensor, step: int,
-                    settings: SamplerSettings,
-                    contexts: "_Contexts", cal_latents: torch.Tensor | None,
-                    latent_size: tuple[int, int], guided: bool, device: torch.device,
-                    dtype: torch.dtype, frames_of: Callable[[int], int | None]) -> torch.Tensor:
-    """Guided noise prediction of one window, [f,4,h,w] in float32; ``frames_of(f)`` is the temporal layers'
-    frame count (None: off)."""
-    frames = len(window.frames)
-    x = scheduler.scale_model_input(latents[list(window.frames)], t).to(dtype)
-    window_poses = poses[list(window.frames)].to(device=device, dtype=dtype).movedim(-1, 1)
-
-    down_res = mid_res = None
-    control = run.controlnet
-    if control is not None and control.active(step, settings.steps):
-        run.motion.num_frames = frames_of(frames)
-        down_res, mid_res = control.controlnet(
-            x, t, encoder_hidden_states=contexts.text.expand(frames, -1, -1).to(dtype), controlnet_cond=window_poses,
-            conditioning_scale=control.strength, return_dict=False)
-
-    halves = 2 if guided else 1
-    use_reference = torch.ones(halves * frames, dtype=torch.bool, device=device)
-    if guided and settings.reference_out_of_uncond:
-        use_reference[:frames] = False
-    calibrated_index = query_masks = key_masks = None
-    if window.calibrated is not None:
-        used, local, query, key_masks = (part.to(device) for part in window.calibrated)
-        _appearance_pass(appearance, bank, run, "calibrated", cal_latents[used], t, contexts.appearance)
-        calibrated_index = torch.where(use_reference, local.repeat(halves), torch.full_like(local.repeat(halves), -1))
-        query_masks = query.repeat(halves, 1, 1)
-    if bank is not None:
-        bank.set_read(latent_size, use_reference, calibrated_index, query_masks, key_masks)
-
-    if guided:
-        model_in = torch.cat([x, x])
-        context = torch.cat([contexts.negative.expand(frames, -1, -1),
-                             contexts.positive.expand(frames, -1, -1)]).to(dtype)
-        if down_res is not None:
-            down_res = [r.repeat(2, 1, 1, 1) for r in down_res]
-            mid_res = mid_res.repeat(2, 1, 1, 1)
-    else:
-        model_in, context = x, contexts.positive.expand(frames, -1, -1).to(dtype)
-
-    run.motion.num_frames = frames_of(frames)
-    if run.ptm is not None:
-        run.ptm.set(window.temperature, latent_size)
-    try:
-        eps = unet(model_in, t, encoder_hidden_states=context, down_block_additional_residuals=down_res,
-                   mid_block_additional_residual=mid_res, return_dict=False)[0].float()
-    finally:
-        if run.ptm is not None:
-            run.ptm.clear()
-    if not guided:
-        return eps
-    uncond, cond = eps.chunk(2)
-    return uncond + settings.cfg * (cond - uncond)
+def _window_input(window: _Window, scheduler, latents: torch.Tensor, poses: torch.Tensor, t: torch.Tensor, step: int,
+                  settings: SamplerSettings, contexts: _Contexts, cal_latents: torch.Tensor | None,
+                  latent_size: tuple[int, int], run: RunState, dtype: torch.dtype, device: torch.device,
+                  temporal: bool) -> WindowInput:
+    """The typed input of :func:`~.forward.window_forward` for one window at timestep ``t``."""
+    index = list(window.frames)
+    x = scheduler.scale_model_input(latents[index], t).to(dtype)
+    window_poses = poses[index].to(device=device, dtype=dtype).movedim(-1, 1)
+    call = WindowCall(x, t, window_poses, contexts.text, step, settings.steps, len(index) if temporal else None,
+                      run.motion)
+    calibrated = tuple(part.to(device) for part in window.calibrated) if window.calibrated is not None else None
+    return WindowInput(call, contexts.positive, contexts.negative, contexts.appearance, window.prepared, latent_size,
+                       settings.cfg, settings.reference_out_of_uncond, calibrated, cal_latents)

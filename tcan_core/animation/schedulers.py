@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..bases import SD15
+
 SCHEDULER_DDIM = "DDIM"
 SCHEDULER_EULER = "Euler"
 SCHEDULER_EULER_A = "Euler ancestral"
@@ -20,9 +22,7 @@ SCHEDULERS = (SCHEDULER_DDIM, SCHEDULER_EULER, SCHEDULER_EULER_A, SCHEDULER_DPMP
 DEFAULT_SCHEDULER = SCHEDULER_DDIM
 
 # The noise schedule of SD1.5 as AnimateDiff and TCAN's configs/train/*.yaml set it.
-SD15_SCHEDULE: dict[str, Any] = dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="linear", steps_offset=1,
-)
+SD15_SCHEDULE: dict[str, Any] = dict(SD15.schedule)
 
 
 def make_scheduler(name: str) -> Any:

@@ -11,10 +11,11 @@ import math
 
 import torch
 
-SD15_CONTEXT_WIDTH = 768
+from ..bases import SD15, base_by_context_width
+
+SD15_CONTEXT_WIDTH = SD15.context_width
 CLIP_BOS, CLIP_EOS = 49406, 49407
-CLIP_LENGTH = 77
-_OTHER_BASES = {1024: "SD2.x", 2048: "SDXL", 1280: "SDXL (refiner)", 4096: "SD3/Flux (T5)"}
+CLIP_LENGTH = SD15.context_tokens
 
 
 def empty_prompt_ids(batch: int = 1) -> torch.Tensor:
@@ -38,7 +39,7 @@ def check_context(context: torch.Tensor, name: str, width: int = SD15_CONTEXT_WI
         raise ValueError(f"{name} conditioning must be a tensor [1, tokens, {width}], got {shape}; "
                          "connect a CLIPTextEncode output")
     if context.shape[-1] != width:
-        base = _OTHER_BASES.get(int(context.shape[-1]), "another base model")
+        base = base_by_context_width(int(context.shape[-1]))
         raise ValueError(f"{name} conditioning is {context.shape[-1]} wide, which is {base}'s text encoder; "
                          f"the TCAN model is SD1.5 and needs {width}-wide CLIP-L conditioning. Encode the "
                          "prompt with the CLIP of an SD1.5 checkpoint (Load Checkpoint -> CLIPTextEncode).")

@@ -11,9 +11,10 @@ from typing import Protocol
 
 import torch
 
-# Stable Diffusion's latent scale (Rombach et al., CVPR 2022, section 3.3): the UNet works on
-# latents * 0.18215; ComfyUI's LATENT and the VAE use the unscaled latents.
-SD15_LATENT_SCALE = 0.18215
+from ..bases import SD15
+
+# The UNet works on latents * scale; ComfyUI's LATENT and the VAE use the unscaled latents.
+SD15_LATENT_SCALE = SD15.latent_scale
 
 
 class VAELike(Protocol):

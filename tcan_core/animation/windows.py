@@ -4,9 +4,8 @@ TCAN denoises a clip of any length with a model that sees a fixed number of fram
 (16), in the manner of MultiDiffusion (Bar-Tal et al., ICML 2023): at every sampling step each
 window of frames gets its own noise prediction, and the step's prediction for a frame is fused
 by eq. 5, the closed-form least-squares solution ``sum_i W_i * pred_i / sum_i W_i`` over the
-windows ``i`` that contain the frame. The default weights are uniform (``W_i = 1``), which makes
-it the plain average of the windows' predictions, as TCAN does; the optional ``"hann"`` weighting
-gives frames near a window's border less weight. Neighbouring windows share ``overlap`` frames
+windows ``i`` that contain the frame. The weights are uniform (``W_i = 1``), which makes it the
+plain average of the windows' predictions, as TCAN does. Neighbouring windows share ``overlap`` frames
 so that motion stays continuous across window borders.
 
 Placement (``context_windows``), with ``stride = length - overlap``:
@@ -51,8 +50,7 @@ DEFAULT_CONTEXT_OVERLAP = 4
 FRAME_DIM = 2
 
 WEIGHTING_UNIFORM = "uniform"
-WEIGHTING_HANN = "hann"
-WINDOW_WEIGHTINGS = (WEIGHTING_UNIFORM, WEIGHTING_HANN)
+WINDOW_WEIGHTINGS = (WEIGHTING_UNIFORM,)
 
 
 def _as_int(name: str, value: object) -> int:
@@ -99,20 +97,12 @@ def context_windows(num_frames: int, length: int = DEFAULT_CONTEXT_LENGTH, overl
 
 def window_weights(length: int, weighting: str = WEIGHTING_UNIFORM, *, device: torch.device | str | None = None,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Per-frame fusion weights of one window, ``[length]``: all ones, or a strictly positive Hann bump.
-
-    ``"hann"`` is ``w_i = sin^2(pi * (i + 1) / (length + 1))``: the raised-cosine window with its
-    two zero end points cut off, so every frame keeps a positive weight (a frame seen by a single
-    window is still defined) while frames near a window's border count less than its middle.
-    """
+    """Per-frame fusion weights of one window, ``[length]``: all ones (MultiDiffusion eq. 5 with uniform W)."""
     length = _as_int("window length", length)
     if length < 1:
         raise ValueError(f"window length must be at least 1 frame, got {length}")
     if weighting == WEIGHTING_UNIFORM:
         return torch.ones(length, device=device, dtype=dtype)
-    if weighting == WEIGHTING_HANN:
-        pos = torch.arange(1, length + 1, device=device, dtype=torch.float64) / (length + 1)
-        return torch.sin(math.pi * pos).square().to(dtype)
     raise ValueError(f"unknown window weighting {weighting!r}; choose one of {', '.join(WINDOW_WEIGHTINGS)}")
 
 
@@ -132,7 +122,6 @@ class WindowAccumulator:
         self._weight: torch.Tensor | None = None
         self._out_dtype: torch.dtype | None = None
         self._covered = torch.zeros(num_frames, dtype=torch.bool)
-        self._weights_by_length: dict[int, torch.Tensor] = {}
 
     def reset(self) -> None:
         """Zero the sums in place for the next sampling step; shape, device and dtype are kept."""
@@ -187,17 +176,7 @@ class WindowAccumulator:
                                  f"{self._sum.device}; run every window on the same device")
         index = torch.tensor(values, dtype=torch.long, device=self._sum.device)
         update = prediction.to(self._sum.dtype)
-        if self.weighting == WEIGHTING_UNIFORM:
-            self._weight.index_add_(0, index, self._weight.new_ones(frames))
-        else:
-            weights = self._weights_by_length.get(frames)
-            if weights is None:
-                weights = window_weights(frames, self.weighting, device=self._sum.device, dtype=self._sum.dtype)
-                self._weights_by_length[frames] = weights
-            shape = [1] * update.ndim
-            shape[FRAME_DIM] = frames
-            update = update * weights.view(shape)
-            self._weight.index_add_(0, index, weights)
+        self._weight.index_add_(0, index, self._weight.new_ones(frames))
         self._sum.index_add_(FRAME_DIM, index, update)
         self._covered[values] = True
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..models.errors import ModelFormatError
+from ..models.keys import unwrapped_names
 from ..models.state_dict import format_keys, load_state_dict_file
 from .id_adapter import (ID_ANIMATOR, IP_ADAPTER_FACEID, FaceAdapterWeights, check_image_encoder,
                          clip_image_embeddings, clip_uncond_embeddings, parse_id_animator_state_dict)
@@ -44,7 +45,7 @@ def _lora_hint(keys: list[str]) -> str:
 def detect_face_adapter(keys: Iterable[str], source: str = "face adapter file") -> str:
     """``ID_ANIMATOR`` or ``IP_ADAPTER_FACEID`` from a file's keys; ModelFormatError naming both layouts otherwise.
     Other IP-Adapters (Plus, FaceID-Plus) are recognised as IP-Adapters here and refused by name when parsed."""
-    keys = [k.removeprefix("module.") for k in keys]
+    keys = unwrapped_names(keys)
     id_animator = any(k.startswith(_ID_ANIMATOR_PREFIXES) for k in keys)
     ip_adapter = any(k.startswith(_IP_ADAPTER_PREFIX) for k in keys)
     if id_animator and ip_adapter:

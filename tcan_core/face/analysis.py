@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ..onnx_session import providers_for
 from .identity import CROP_SIZE, FaceIdentity, normalized
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,6 @@ PACK_FILES = {
     "antelopev2": ("scrfd_10g_bnkps.onnx", "glintr100.onnx"),
     "buffalo_l": ("det_10g.onnx", "w600k_r50.onnx"),
 }
-DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 MIN_USEFUL_FACE = 64
 PACKS_HINT = "put packs in models/insightface/models/<name>/ (the .onnx files directly in that folder)"
 
@@ -84,12 +84,16 @@ def quiet_alignment():
         yield
 
 
-def resolve_providers(providers: Sequence[str] | None = None) -> list[str]:
-    """The onnxruntime execution providers to use: ``providers`` (default CUDA then CPU) that are available."""
+def resolve_providers(providers: Sequence[str] | None = None, device: str | None = None) -> list:
+    """The onnxruntime execution providers to use: ``providers`` that are available, else those a torch ``device``
+    asks for (:func:`tcan_core.onnx_session.providers_for`, the rule the pose models follow; no device: CUDA
+    when available, then the CPU)."""
     import onnxruntime
 
     available = onnxruntime.get_available_providers()
-    wanted = list(DEFAULT_PROVIDERS if providers is None else providers)
+    if providers is None:
+        return providers_for(device, available)
+    wanted = list(providers)
     usable = [p for p in wanted if p in available]
     if not usable:
         raise ValueError(f"none of the onnxruntime providers {wanted} is available here (available: {available}); "
@@ -253,15 +257,17 @@ class FaceAnalyzer:
         return self.pack_dir.name
 
     @classmethod
-    def load(cls, pack_dir: str | Path, providers: Sequence[str] | None = None) -> FaceAnalyzer:
-        """Route each .onnx of ``pack_dir`` through insightface and keep the detector and recognition model (cached)."""
+    def load(cls, pack_dir: str | Path, providers: Sequence[str] | None = None,
+             device: str | None = None) -> FaceAnalyzer:
+        """Route each .onnx of ``pack_dir`` through insightface and keep the detector and recognition model (cached);
+        ``providers`` or else ``device`` choose where they run (:func:`resolve_providers`)."""
         require_face_tools()
         folder = Path(pack_dir).resolve()
         if not folder.is_dir():
             raise FileNotFoundError(f"face pack folder {folder} does not exist; {PACKS_HINT}")
         files = _onnx_files(folder)
-        providers = resolve_providers(providers)
-        key = (str(folder), tuple(providers), files_fingerprint(files))
+        providers = resolve_providers(providers, device)
+        key = (str(folder), tuple(map(str, providers)), files_fingerprint(files))
         if key in _ANALYZERS:
             return _ANALYZERS[key]
         expected = PACK_FILES.get(folder.name)

@@ -42,8 +42,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..animation import attention
+from ..animation.model import ContextTokens, RunState
+from ..attention import steps as attention
+from ..attention.context import append_tokens
+from ..attention.processor import ComposedAttnProcessor, Contribution, contributing
+from ..attention.unet_map import ROLE_SPATIAL_CROSS, unet_map
+from ..bases import base_by_context_width
+from ..images import check_image_batch
 from ..models.errors import ModelFormatError, WrongBaseModelError
+from ..models.keys import strip_module_prefix
 from ..models.lora import LoraPatch, LoraWeights, ParsedLora, appa_coverage
 from ..models.state_dict import fit_problems, format_keys, load_state_dict_file, load_strict, shapes_of
 
@@ -58,8 +65,6 @@ NEEDED_ENCODER = ("the CLIP ViT-H/14 image encoder (hidden size 1280: CLIP-ViT-H
 ID_ANIMATOR = "id-animator"
 IP_ADAPTER_FACEID = "ip-adapter-faceid"
 LORA_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out")
-_SDXL_CONTEXT = 2048
-_BLOCK_ORDER = {"down_blocks": 0, "up_blocks": 1, "mid_block": 2}
 
 
 # --- Resampler --------------------------------------------------------------------------------
@@ -272,22 +277,12 @@ def attention_slots(unet: nn.Module) -> dict[str, int]:
     """``attn1`` / ``attn2`` module path -> its index in the authors' ``unet.attn_processors`` list (down, up,
     mid blocks; attn1 before attn2 in each transformer block), ignoring temporal/motion attention as the
     authors' UNet (a plain UNet2DConditionModel) has none."""
-    from diffusers.models.attention_processor import Attention
-
-    found: list[tuple[int, int, str]] = []
-    for order, (name, module) in enumerate(unet.named_modules()):
-        parts = name.split(".")
-        if (not isinstance(module, Attention) or parts[-1] not in ("attn1", "attn2") or "transformer_blocks" not in parts
-                or "motion_modules" in parts or parts[0] not in _BLOCK_ORDER):
-            continue
-        found.append((_BLOCK_ORDER[parts[0]], order, name))
-    found.sort()
-    return {name: i for i, (_, _, name) in enumerate(found)}
+    return dict(sorted(unet_map(unet).slots().items(), key=lambda item: item[1]))
 
 
 def cross_attention_slots(unet: nn.Module) -> dict[str, int]:
     """The ``attn2`` entries of :func:`attention_slots` (odd indices for SD1.5: 1, 3, ..., 31)."""
-    slots = {name: i for name, i in attention_slots(unet).items() if name.endswith(".attn2")}
+    slots = dict(sorted(unet_map(unet).slots(ROLE_SPATIAL_CROSS).items(), key=lambda item: item[1]))
     if not slots:
         raise ValueError(f"{type(unet).__name__} has no cross-attention (attn2) in transformer blocks; the face "
                          "adapter needs an SD1.5 UNet (UNet2DConditionModel or UNetMotionModel).")
@@ -337,7 +332,7 @@ def check_finite(sd: Mapping[str, torch.Tensor], source: str) -> None:
 def _split_layout(sd: Mapping[str, torch.Tensor], source: str) -> tuple[str, dict, dict]:
     """('grouped' or 'flat', Resampler keys, adapter keys) from the checkpoint's key prefixes."""
     layouts = {"grouped": ("image_proj.", "face_adapter."), "flat": ("image_proj_model.", "adapter_modules.")}
-    keys = {k.removeprefix("module."): v for k, v in sd.items()}
+    keys = strip_module_prefix(sd, source)
     seen = [name for name, (proj, adapter) in layouts.items()
             if any(k.startswith(proj) for k in keys) or any(k.startswith(adapter) for k in keys)]
     if len(seen) != 1:
@@ -358,8 +353,9 @@ def _split_layout(sd: Mapping[str, torch.Tensor], source: str) -> tuple[str, dic
 def check_context_width(widths: set[int], context: int, source: str, advice: str) -> None:
     """WrongBaseModelError when the adapter's cross-attention ``widths`` are not the UNet's ``context``;
     ``advice`` names the SD1.5 file to use instead."""
-    if _SDXL_CONTEXT in widths:
-        raise WrongBaseModelError(f"{source} is a face adapter for SDXL (cross-attention width {_SDXL_CONTEXT}), "
+    sdxl = [w for w in sorted(widths) if base_by_context_width(w) == "SDXL"]
+    if sdxl:
+        raise WrongBaseModelError(f"{source} is a face adapter for SDXL (cross-attention width {sdxl[0]}), "
                                   f"and the TCAN model is SD1.5 (width {context}); {advice}.")
     if widths - {context}:
         raise WrongBaseModelError(f"{source}: its cross-attention width is {sorted(widths)}, the TCAN UNet's is "
@@ -418,42 +414,32 @@ class FaceState:
     scale: float = DEFAULT_SCALE
 
 
-class FaceAttnProcessor:
+class FaceAttnProcessor(ComposedAttnProcessor, Contribution):
     """``attn2`` processor of ID-Animator: context = [text ; face], output = Attn(q, text) + scale * Attn(q, face).
 
     The last ``state.num_tokens`` context tokens are the face tokens; text attention uses the module's
     own to_k / to_v, face attention ``to_k_face`` / ``to_v_face``. With no face tokens, or scale 0
     (face tokens split off and dropped), the operations are those of diffusers ``AttnProcessor2_0``.
+    It is the composed processor of :mod:`tcan_core.attention.processor` with this face branch as its
+    first contribution; a second face adapter on the same attention appends its own branch (its
+    tokens after these), and the branches add up.
     """
 
     def __init__(self, state: FaceState, to_k_face: torch.Tensor, to_v_face: torch.Tensor) -> None:
+        super().__init__([self])
         self.state = state
         self.to_k_face = to_k_face
         self.to_v_face = to_v_face
 
-    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
-                 *args: Any, **kwargs: Any) -> torch.Tensor:
-        """[B,N,C] (or [B,C,H,W]) with context [B,T+n,D] -> same shape as ``hidden_states``."""
-        face = None
-        n = self.state.num_tokens
-        if encoder_hidden_states is not None and n > 0:
-            total = encoder_hidden_states.shape[1]
-            if total <= n:
-                raise ValueError(f"the face adapter expects text tokens followed by {n} face tokens, got a context "
-                                 f"of {total} tokens; append the face tokens with append_face_tokens")
-            encoder_hidden_states, face = encoder_hidden_states[:, :total - n], encoder_hidden_states[:, total - n:]
-            if attention_mask is not None and attention_mask.shape[-1] == total:
-                attention_mask = attention_mask[..., :total - n]
-            if self.state.scale == 0:
-                face = None
+    def context_tokens(self) -> int:
+        """The face tokens at the end of the context."""
+        return self.state.num_tokens
 
-        prepared = attention.begin(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        query, key, value = attention.project(attn, prepared.hidden_states, encoder_hidden_states)
-        hidden_states = attention.multi_head_attention(attn, query, key, value, prepared.attention_mask)
-        if face is not None:
-            hidden_states = hidden_states + self.state.scale * self._face_attention(attn, query, face)
-        return attention.finish(attn, hidden_states, prepared.residual, prepared.shape_4d)
+    def branch(self, attn: Any, query: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor | None:
+        """``scale * Attn(q, face)`` [B,N,inner], or None without face tokens or at scale 0."""
+        if tokens is None or self.state.scale == 0:
+            return None
+        return self.state.scale * self._face_attention(attn, query, tokens)
 
     def _face_attention(self, attn: Any, query: torch.Tensor, face: torch.Tensor) -> torch.Tensor:
         """Attention of the query [B,N,inner] over the face tokens [B|1,n,D] -> [B,N,inner]."""
@@ -465,33 +451,18 @@ class FaceAttnProcessor:
 
 @contextlib.contextmanager
 def face_attention_installed(unet: nn.Module, weights: FaceAdapterWeights, state: FaceState) -> Iterator[None]:
-    """:class:`FaceAttnProcessor` on every ``attn2`` of ``unet`` for the block; the exact original processors after."""
-    saved: dict[str, Any] = {}
+    """A face branch on every ``attn2`` of ``unet`` for the block (appended to a composed processor already there,
+    else a :class:`FaceAttnProcessor`); the exact original processors after."""
     device, dtype = next(unet.parameters()).device, next(unet.parameters()).dtype
-    try:
-        for path, layer in weights.layers.items():
-            attn = unet.get_submodule(path)
-            saved[path] = attn.processor
-            attn.set_processor(FaceAttnProcessor(state, layer.to_k_face.to(device, dtype),
-                                                 layer.to_v_face.to(device, dtype)))
+    branches = {path: FaceAttnProcessor(state, layer.to_k_face.to(device, dtype), layer.to_v_face.to(device, dtype))
+                for path, layer in weights.layers.items()}
+    with contributing(unet, branches, lambda branch: branch):
         yield
-    finally:
-        for path, processor in saved.items():
-            unet.get_submodule(path).set_processor(processor)
 
 
 def append_face_tokens(context: torch.Tensor, face_tokens: torch.Tensor | None) -> torch.Tensor:
     """[B,T,C] text context and [1,n,C] (or [B,n,C]) face tokens -> [B,T+n,C], text first; None -> unchanged."""
-    if face_tokens is None:
-        return context
-    if context.ndim != 3 or face_tokens.ndim != 3 or face_tokens.shape[-1] != context.shape[-1]:
-        raise ValueError(f"context must be [B,T,C] and face tokens [1,n,C] with the same C, got "
-                         f"{list(context.shape)} and {list(face_tokens.shape)}")
-    if face_tokens.shape[0] not in (1, context.shape[0]):
-        raise ValueError(f"face tokens must have batch 1 or the context's batch {context.shape[0]}, got "
-                         f"{face_tokens.shape[0]}")
-    face = face_tokens.to(context).expand(context.shape[0], -1, -1)
-    return torch.cat([context, face], dim=1)
+    return append_tokens(context, face_tokens)
 
 
 # --- image encoder ----------------------------------------------------------------------------
@@ -512,8 +483,8 @@ def check_image_encoder(encoder: nn.Module, weights: FaceAdapterWeights) -> None
 @torch.no_grad()
 def clip_image_embeddings(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Face crops [N,H,W,3] in 0..1 -> CLIP penultimate hidden states [N,tokens,width] (ID-Animator's input)."""
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"images must be [N,H,W,3] face crops with values in 0..1, got {list(images.shape)}")
+    check_image_batch(images, "the face crops", "give aligned face crops with values in 0..1 (TCAN Face Analyze)",
+                      "[N,H,W,3]")
     size = int(encoder.config.image_size)
     param = next(encoder.parameters())
     pixels = images.to(param.device, torch.float32).permute(0, 3, 1, 2)
@@ -577,9 +548,6 @@ def face_tokens(weights: FaceAdapterWeights, embeddings: torch.Tensor, device: t
     return mixed.to(dtype)
 
 
-_MISSING = object()
-
-
 @dataclass(frozen=True, eq=False)
 class FaceIDPatch:
     """A face adapter (ID-Animator or IP-Adapter FaceID) on the denoising UNet (key ``face_id``).
@@ -595,10 +563,10 @@ class FaceIDPatch:
     ``scale`` weighs face attention (0.8 by default); 0 turns the adapter off entirely, its LoRA
     included. ``lora_strength`` scales the adapter's own LoRA (none in a FaceID file without LoRA keys).
 
-    While applied, ``run.face_tokens`` [1,Q,C] and ``run.face_tokens_uncond`` [1,Q,C] hold the tokens
-    (on ``run.device``, UNet dtype): every context the sampler passes to ``model.unet`` during the
-    call must end with them (:func:`append_face_tokens`), since each ``attn2`` splits off the last Q
-    tokens. The attributes are removed on exit.
+    While applied, ``run.context_tokens`` holds a :class:`ContextTokens` with the tokens [1,Q,C] for
+    both halves of guidance (on ``run.device``, UNet dtype): every context the sampler passes to
+    ``model.unet`` during the call must end with them (:func:`append_face_tokens`), since each
+    ``attn2`` splits off the last Q tokens. The entry is removed on exit.
     """
 
     weights: FaceAdapterWeights
@@ -630,7 +598,7 @@ class FaceIDPatch:
         return int(self.embeddings.shape[0])
 
     @contextlib.contextmanager
-    def applied(self, model: Any, run: Any) -> Iterator[None]:
+    def applied(self, model: Any, run: RunState) -> Iterator[None]:
         unet = model.unet
         dtype = next(unet.parameters()).dtype
         tokens = face_tokens(self.weights, self.embeddings, run.device, dtype, self.face_weights)
@@ -641,16 +609,12 @@ class FaceIDPatch:
                   if uncond_embeddings is not None else torch.zeros_like(tokens))
         state = FaceState(num_tokens=int(tokens.shape[1]), scale=self.scale)
         lora = LoraPatch(self.weights.lora, self.lora_strength if self.scale > 0 else 0.0)
-        previous = {name: getattr(run, name, _MISSING) for name in ("face_tokens", "face_tokens_uncond")}
+        entry = ContextTokens(self.key, tokens, uncond)
         with face_attention_installed(unet, self.weights, state), lora.applied(unet):
-            run.face_tokens, run.face_tokens_uncond = tokens, uncond
+            run.context_tokens.append(entry)
             run.notes.append(f"face ID: {self.num_faces} face(s), scale {self.scale:g}, {state.num_tokens} tokens "
                              f"after the text ({self.weights.kind})")
             try:
                 yield
             finally:
-                for name, value in previous.items():
-                    if value is _MISSING:
-                        delattr(run, name)
-                    else:
-                        setattr(run, name, value)
+                run.context_tokens.remove(entry)

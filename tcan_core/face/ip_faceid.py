@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ..models.errors import ModelFormatError
+from ..models.keys import strip_module_prefix
 from ..models.lora import ParsedLora, appa_coverage
 from ..models.state_dict import fit_problems, format_keys, load_state_dict_file, load_strict, shapes_of, strip_prefix
 from .id_adapter import (IP_ADAPTER_FACEID, FaceAdapterWeights, FaceLayer, attention_slots, check_context_width,
@@ -144,7 +145,7 @@ def ip_adapter_variant(image_proj: Mapping[str, torch.Tensor]) -> str | None:
 
 def _split(sd: Mapping[str, torch.Tensor], source: str) -> tuple[dict, dict]:
     """(image_proj keys, ip_adapter keys) without their prefixes; ModelFormatError for other keys."""
-    keys = {k.removeprefix("module."): v for k, v in sd.items()}
+    keys = strip_module_prefix(sd, source)
     other = [k for k in keys if not k.startswith(("image_proj.", "ip_adapter."))]
     if other:
         raise ModelFormatError(f"{source}: {len(other)} unexpected key(s) outside image_proj.* and ip_adapter.*: "

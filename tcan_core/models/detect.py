@@ -9,20 +9,17 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from ..bases import SD15 as SD15_FACTS
 from .errors import ModelFormatError, WrongBaseModelError
 from .state_dict import Shapes
 
-SD15 = "SD1.5"
+SD15 = SD15_FACTS.name
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
 CLIP_PREFIXES = ("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer.")
 
 # What to use instead, for each slot, when a file is for another base.
-FIX = {
-    "checkpoint": "choose an SD1.5 checkpoint (v1-5-pruned-emaonly or an SD1.5 fine-tune) in the checkpoints folder",
-    "controlnet": "choose the SD1.5 OpenPose ControlNet, control_v11p_sd15_openpose",
-    "motion": "choose an SD1.5 motion module such as mm_sd_v15_v2.ckpt or v3_sd15_mm.ckpt",
-}
+FIX = SD15_FACTS.fix
 
 
 @dataclass

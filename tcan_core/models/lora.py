@@ -36,7 +36,9 @@ from typing import Iterable, Iterator, Mapping, NamedTuple
 import torch
 
 from .ldm_keys import unet_to_ldm
+from ..attention.unet_map import ROLE_SPATIAL_CROSS, ROLE_SPATIAL_SELF, unet_map
 from .errors import ModelFormatError
+from .keys import WRAPPER_PREFIX
 from .state_dict import format_keys, load_state_dict_file
 
 log = logging.getLogger(__name__)
@@ -47,7 +49,7 @@ APPA_PROJECTIONS = ("to_q", "to_k", "to_v")
 APPA_RANK = 16
 APPA_ALPHA = 16.0
 
-_WRAPPERS = ("module.", "base_model.model.", "unet.")
+_WRAPPERS = (WRAPPER_PREFIX, "base_model.model.", "unet.")
 _TEXT_ENCODER = re.compile(r"^(text_encoder(_\d+)?|text_model)\.")
 _KOHYA = re.compile(r"^lora_(?P<net>unet|te\d*)_(?P<m>[^.]+)\.(?:lora_(?P<p>down|up)\.weight|alpha)$")
 _PEFT = re.compile(r"^(?P<m>.+)\.lora_(?P<p>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
@@ -251,16 +253,9 @@ def kohya_module_names(unet: torch.nn.Module) -> dict[str, str]:
 def appa_targets(unet: torch.nn.Module) -> list[str]:
     """Module paths of the APPA layers: to_q, to_k, to_v of attn1 and attn2 in every spatial
     transformer block (Transformer2DModel), never motion modules / temporal layers (DESIGN.md section 6)."""
-    from diffusers.models.transformers.transformer_2d import Transformer2DModel
-
-    targets = []
-    for name, module in unet.named_modules():
-        if not isinstance(module, Transformer2DModel):
-            continue
-        for i, block in enumerate(module.transformer_blocks):
-            for attn in APPA_ATTENTIONS:
-                if getattr(block, attn, None) is not None:
-                    targets += [f"{name}.transformer_blocks.{i}.{attn}.{proj}" for proj in APPA_PROJECTIONS]
+    spatial = (ROLE_SPATIAL_SELF, ROLE_SPATIAL_CROSS)
+    targets = [f"{site.path}.{proj}" for site in unet_map(unet) if site.role in spatial
+               and site.path.rsplit(".", 1)[-1] in APPA_ATTENTIONS for proj in APPA_PROJECTIONS]
     if not targets:
         raise ValueError(f"{type(unet).__name__} has no spatial transformer blocks, so APPA has nothing to "
                          "patch; pass the denoising UNet (a diffusers UNet2DConditionModel or UNetMotionModel).")

@@ -62,8 +62,9 @@ import torch
 from .controlnet import infer_controlnet_config_diffusers
 from .detect import detect_controlnet, detect_motion_module, require_sd15
 from .errors import ModelFormatError
+from .keys import is_lora_key, strip_module_prefix, unwrapped_names
 from .lora import ParsedLora, parse_lora_state_dict
-from .motion import MOTION_HEADS, animatediff_to_diffusers, motion_adapter_config
+from .motion_module import MOTION_HEADS, animatediff_to_diffusers, motion_adapter_config
 from .sd15 import _empty, _finish
 from .state_dict import fit_problems, format_keys, load_state_dict_file, load_strict, shapes_of
 
@@ -105,7 +106,6 @@ KIND_NODES: dict[str, str] = {
 
 _UNET_ROOTS = ("conv_in.", "time_embedding.", "down_blocks.", "mid_block.", "up_blocks.")
 _LDM_CONTROLNET = ("control_model.", "input_hint_block.", "zero_convs.")
-_PEFT_LORA = re.compile(r"\.lora_[AB](?:\.[^.]+)?\.weight$")
 _MOTION = ".motion_modules."
 _TAUMAP = ".taumap_projection_layer."
 
@@ -118,35 +118,17 @@ class TCANUnetParts(NamedTuple):
     base_mismatch: tuple[str, ...]
 
 
-def strip_module_prefix(sd: Mapping[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
-    """Keys without the leading ``module.`` that DDP/accelerate wrappers add."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        name = key.removeprefix("module.")
-        if name in out:
-            raise ModelFormatError(f"{source} holds {name!r} both with and without the 'module.' prefix; "
-                                   "save the model again from one (unwrapped) module.")
-        out[name] = value
-    return out
-
-
-def _is_lora_key(key: str) -> bool:
-    """Whether ``key`` is a LoRA factor in peft, diffusers or kohya naming."""
-    return bool(_PEFT_LORA.search(key)) or key.startswith(("lora_unet_", "lora_te")) or ".lora." in key \
-        or ".lora_linear_layer." in key or "_lora.down." in key or "_lora.up." in key
-
-
 def detect_tcan_checkpoint(keys: Iterable[str]) -> str:
     """Classify a file from its keys: ``appearance_unet``, ``tcan_unet``, ``temporal_controlnet``, or
     ``ldm_checkpoint``, ``controlnet``, ``motion_module``, ``lora``, ``unknown`` (see ``KIND_DESCRIPTIONS``)."""
-    names = [k.removeprefix("module.") for k in keys]
+    names = unwrapped_names(keys)
     if any(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")) for k in names):
         return LDM_CHECKPOINT
     motion = [k for k in names if _MOTION in k]
     if any(k.startswith(("controlnet_cond_embedding.",) + _LDM_CONTROLNET) for k in names):
         return TEMPORAL_CONTROLNET if motion else CONTROLNET
-    lora = [k for k in names if _is_lora_key(k)]
-    spatial = [k for k in names if k.startswith(_UNET_ROOTS) and _MOTION not in k and not _is_lora_key(k)]
+    lora = [k for k in names if is_lora_key(k)]
+    spatial = [k for k in names if k.startswith(_UNET_ROOTS) and _MOTION not in k and not is_lora_key(k)]
     if lora:
         return TCAN_UNET if (motion or spatial) else LORA
     if motion and spatial:
@@ -273,8 +255,8 @@ def load_tcan_unet(path: str | os.PathLike, base_unet: torch.nn.Module, dtype: t
     p, sd = _read(path, TCAN_UNET)
     source = str(p)
     motion = {k: v for k, v in sd.items() if _MOTION in k}
-    lora_sd = {k: v for k, v in sd.items() if _MOTION not in k and _is_lora_key(k)}
-    base = {k.replace(".base_layer.", "."): v for k, v in sd.items() if _MOTION not in k and not _is_lora_key(k)}
+    lora_sd = {k: v for k, v in sd.items() if _MOTION not in k and is_lora_key(k)}
+    base = {k.replace(".base_layer.", "."): v for k, v in sd.items() if _MOTION not in k and not is_lora_key(k)}
     _reject_learnable_taumap(motion, source)
 
     mismatch: tuple[str, ...] = ()

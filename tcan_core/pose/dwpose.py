@@ -23,7 +23,6 @@ follow that pipeline:
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 from dataclasses import dataclass
@@ -31,12 +30,14 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from tcan_core.pose.extract import FramePeople
+from tcan_core import onnx_session
+from tcan_core.onnx_session import is_dynamic, shape_of
+from tcan_core.pose.types import FramePeople
 
 log = logging.getLogger(__name__)
 
-CUDA = "CUDAExecutionProvider"
-CPU = "CPUExecutionProvider"
+CUDA, CPU = onnx_session.CUDA, onnx_session.CPU
+cuda_device_id = onnx_session.cuda_device_id
 PUBLISHED = "https://huggingface.co/yzd-v/DWPose"
 
 DET_STRIDES = (8, 16, 32)
@@ -61,77 +62,16 @@ RIGHT_HAND_SLICE = slice(112, 133)
 OPENPOSE_R_EYE, OPENPOSE_L_EYE = 14, 15
 
 
-def _onnxruntime():
-    return importlib.import_module("onnxruntime")
-
-
-def _shape(arg) -> list:
-    return list(arg.shape) if arg.shape is not None else []
-
-
 def _describe(session) -> str:
-    ins = ", ".join(f"{a.name} {_shape(a)}" for a in session.get_inputs())
-    outs = ", ".join(f"{a.name} {_shape(a)}" for a in session.get_outputs())
+    ins = ", ".join(f"{a.name} {shape_of(a)}" for a in session.get_inputs())
+    outs = ", ".join(f"{a.name} {shape_of(a)}" for a in session.get_outputs())
     return f"{ins} -> {outs}"
 
 
-def _is_dynamic(dim) -> bool:
-    return not isinstance(dim, int) or dim <= 0
-
-
-_ORT_DTYPES = {"tensor(float16)": np.float16, "tensor(uint8)": np.uint8, "tensor(double)": np.float64}
-
-
-def _probe_feed(session) -> dict[str, np.ndarray]:
-    """Zeros for every input, dynamic dimensions set to 1."""
-    return {a.name: np.zeros([1 if _is_dynamic(d) else d for d in _shape(a)], _ORT_DTYPES.get(a.type, np.float32))
-            for a in session.get_inputs()}
-
-
-def cuda_device_id(device: str) -> int | None:
-    """The CUDA device index of a torch device string ("cuda" -> 0, "cuda:1" -> 1), None for others."""
-    kind, _, index = str(device).partition(":")
-    if kind != "cuda":
-        return None
-    return int(index) if index.isdigit() else 0
-
-
 def open_session(path: str, device: str = "cpu"):
-    """An onnxruntime session for ``path`` and the provider it really runs on.
-
-    On a ``cuda`` device CUDA is asked for first. onnxruntime-gpu lists CUDA as available even
-    when its libraries cannot load; it then builds the session on the CPU without failing. So the
-    session's own provider list is read back, and a CUDA session must also run once on zeros
-    before it is trusted; otherwise the CPU is used.
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"ONNX model file not found: {path}")
-    ort = _onnxruntime()
-    attempts: list[list] = [[CPU]]
-    device_id = cuda_device_id(device)
-    if device_id is not None and CUDA in ort.get_available_providers():
-        attempts.insert(0, [(CUDA, {"device_id": device_id}), CPU])
-    error: Exception | None = None
-    for providers in attempts:
-        asked_cuda = providers[0] != CPU
-        try:
-            session = ort.InferenceSession(path, providers=providers)
-        # onnxruntime raises its own exception types (InvalidProtobuf, Fail, ...) with no common base
-        except Exception as exc:  # noqa: BLE001
-            error = exc
-            continue
-        used = session.get_providers()
-        if asked_cuda and CUDA in used:
-            try:
-                session.run(None, _probe_feed(session))
-            except Exception as exc:  # noqa: BLE001
-                log.warning("CUDA session for %s failed its first run (%s); using the CPU", path, exc)
-                continue
-        elif asked_cuda:
-            log.warning("onnxruntime could not load CUDA for %s; using the CPU", path)
-        return session, used[0]
-    raise ValueError(f"{path} could not be opened as an ONNX model ({error}); the file may be "
-                     f"damaged or not an ONNX file. Download it again from {PUBLISHED}.")
+    """An onnxruntime session for a DWPose file on ``device`` and the provider it really runs on (see
+    :func:`tcan_core.onnx_session.open_session`)."""
+    return onnx_session.open_session(path, device, PUBLISHED)
 
 
 @dataclass(frozen=True)
@@ -164,12 +104,12 @@ def check_detector(session, path: str) -> DetectorSpec:
     ins, outs = session.get_inputs(), session.get_outputs()
     ok = len(ins) == 1 and len(outs) >= 1
     if ok:
-        shape, out = _shape(ins[0]), _shape(outs[0])
-        ok = (len(shape) == 4 and shape[1] == 3 and (_is_dynamic(shape[0]) or shape[0] == 1)
-              and not _is_dynamic(shape[2]) and not _is_dynamic(shape[3])
+        shape, out = shape_of(ins[0]), shape_of(outs[0])
+        ok = (len(shape) == 4 and shape[1] == 3 and (is_dynamic(shape[0]) or shape[0] == 1)
+              and not is_dynamic(shape[2]) and not is_dynamic(shape[3])
               and shape[2] % 32 == 0 and shape[3] % 32 == 0
               and len(out) == 3 and out[2] == DET_CHANNELS)
-        if ok and not _is_dynamic(out[1]):
+        if ok and not is_dynamic(out[1]):
             ok = out[1] == len(yolox_anchors(shape[2], shape[3])[1])
     if not ok:
         raise ValueError(
@@ -185,16 +125,16 @@ def check_pose_model(session, path: str) -> PoseSpec:
     ins, outs = session.get_inputs(), session.get_outputs()
     ok = len(ins) == 1 and len(outs) == 2
     if ok:
-        shape = _shape(ins[0])
-        ok = len(shape) == 4 and shape[1] == 3 and not _is_dynamic(shape[2]) and not _is_dynamic(shape[3])
-        ok = ok and (_is_dynamic(shape[0]) or shape[0] == 1)
+        shape = shape_of(ins[0])
+        ok = len(shape) == 4 and shape[1] == 3 and not is_dynamic(shape[2]) and not is_dynamic(shape[3])
+        ok = ok and (is_dynamic(shape[0]) or shape[0] == 1)
     if ok:
         names = [o.name for o in outs]
         x_out, y_out = outs
         if "simcc_x" in names and "simcc_y" in names:
             x_out, y_out = outs[names.index("simcc_x")], outs[names.index("simcc_y")]
         height, width = int(shape[2]), int(shape[3])
-        xs, ys = _shape(x_out), _shape(y_out)
+        xs, ys = shape_of(x_out), shape_of(y_out)
         ok = (len(xs) == 3 and len(ys) == 3 and xs[1] == N_WHOLEBODY and ys[1] == N_WHOLEBODY
               and xs[2] == round(width * SIMCC_SPLIT) and ys[2] == round(height * SIMCC_SPLIT))
     if not ok:
@@ -204,7 +144,7 @@ def check_pose_model(session, path: str) -> PoseSpec:
             f"points, SimCC split 2), got {_describe(session)}. Use dw-ll_ucoco_384.onnx from "
             f"{PUBLISHED} ({path})."
         )
-    return PoseSpec(ins[0].name, (height, width), x_out.name, y_out.name, _is_dynamic(shape[0]))
+    return PoseSpec(ins[0].name, (height, width), x_out.name, y_out.name, is_dynamic(shape[0]))
 
 
 def letterbox(image: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, float]:

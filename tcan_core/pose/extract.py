@@ -19,20 +19,22 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Sequence
 
 import cv2
 import numpy as np
 
 from tcan_core.model_folders import SLOTS
 from tcan_core.pose.render import render_poses
-from tcan_core.pose_format import N_BODY, N_FACE, N_HAND, PoseSequence
+from tcan_core.pose.types import (BACKEND_DWPOSE, BACKEND_OPENPOSE, BACKENDS, FramePeople, PoseBackend,
+                                  backend_spec)
+
+# Re-exported: the Pose Extract node and the command line read the choices from here.
+__all__ = ["BACKENDS", "BACKEND_DWPOSE", "BACKEND_OPENPOSE", "ExtractResult", "FramePeople", "PoseBackend",
+           "extract_poses", "load_backend"]
+from tcan_core.pose_format import PoseSequence
 
 log = logging.getLogger(__name__)
-
-BACKEND_DWPOSE = "dwpose"
-BACKEND_OPENPOSE = "openpose"
-BACKENDS = (BACKEND_DWPOSE, BACKEND_OPENPOSE)
 
 PERSON_LARGEST = "largest"
 PERSON_CENTRAL = "most central"
@@ -48,53 +50,6 @@ _SLOTS = {slot.key: slot for slot in SLOTS}
 DWPOSE_FILES = _SLOTS["dwpose"].expected
 OPENPOSE_BODY_FILE, OPENPOSE_HAND_FILE = _SLOTS["openpose"].expected
 OPENPOSE_FACE_FILE = "facenet.pth"
-
-
-@dataclass
-class FramePeople:
-    """People a backend found in one image, in that image's pixels.
-
-    body ``[P,18,3]``, face ``[P,70,3]``, hands ``[P,2,21,3]`` (left, right) as (x, y, confidence);
-    boxes ``[P,4]`` xyxy from the detector, or None to derive them from the keypoints.
-    """
-
-    body: np.ndarray
-    face: np.ndarray
-    hands: np.ndarray
-    boxes: np.ndarray | None = None
-
-    @classmethod
-    def empty(cls) -> "FramePeople":
-        return cls(np.zeros((0, N_BODY, 3), np.float32), np.zeros((0, N_FACE, 3), np.float32),
-                   np.zeros((0, 2, N_HAND, 3), np.float32), np.zeros((0, 4), np.float32))
-
-    @property
-    def count(self) -> int:
-        return int(self.body.shape[0])
-
-    def person_boxes(self) -> np.ndarray:
-        """``[P,4]`` xyxy: the detector's boxes, else the extent of each person's seen points."""
-        if self.boxes is not None:
-            return np.asarray(self.boxes, np.float32).reshape(-1, 4)
-        pts = np.concatenate([self.body, self.face, self.hands.reshape(self.count, -1, 3)], axis=1)
-        seen = pts[..., 2] > 0
-        lo = np.where(seen[..., None], pts[..., :2], np.inf).min(1)
-        hi = np.where(seen[..., None], pts[..., :2], -np.inf).max(1)
-        boxes = np.concatenate([lo, hi], axis=1)
-        boxes[~seen.any(1)] = 0.0
-        return boxes.astype(np.float32)
-
-    def scaled(self, sx: float, sy: float) -> "FramePeople":
-        """The same people with x scaled by ``sx`` and y by ``sy`` (confidence kept)."""
-        factor = np.array([sx, sy, 1.0], np.float32)
-        boxes = None if self.boxes is None else np.asarray(self.boxes, np.float32) * np.array([sx, sy, sx, sy], np.float32)
-        return FramePeople(self.body * factor, self.face * factor, self.hands * factor, boxes)
-
-
-class PoseBackend(Protocol):
-    provider: str
-
-    def __call__(self, image: np.ndarray) -> FramePeople: ...
 
 
 @dataclass
@@ -159,6 +114,7 @@ def load_backend(name: str, folders: Sequence[str], device: str = "cpu",
     provider on that GPU and puts OpenPose's networks there). OpenPose loads its hand and face networks only when asked for.
     """
     device = str(device)
+    spec = backend_spec(name)
     if name == BACKEND_DWPOSE:
         files = require_model_files(DWPOSE_FILES, folders, "dwpose")
         paths = tuple(files[n] for n in DWPOSE_FILES)
@@ -167,20 +123,14 @@ def load_backend(name: str, folders: Sequence[str], device: str = "cpu",
         files = require_model_files(names, folders, "openpose")
         paths = (files[OPENPOSE_BODY_FILE], files.get(OPENPOSE_HAND_FILE), files.get(OPENPOSE_FACE_FILE))
     else:
-        raise ValueError(f"unknown pose backend {name!r}; choose one of: {', '.join(BACKENDS)}")
+        raise ValueError(f"pose backend {name!r} is registered but load_backend does not know its model files; "
+                         "add them next to the other backends' in load_backend")
     stamps = tuple(os.stat(p).st_mtime_ns if p else 0 for p in paths)
     key = (name, paths, stamps, device)
     if key in _cache:
         return _cache[key]
-    # The backend modules import FramePeople from here, so they are imported when first used.
-    if name == BACKEND_DWPOSE:
-        from tcan_core.pose.dwpose import DWPose
-
-        backend = DWPose(*paths, device=device)
-    else:
-        from tcan_core.pose.openpose import OpenPose
-
-        backend = OpenPose(*paths, device=device)
+    # The backend's module is imported when first used: its own packages are optional.
+    backend = spec.factory()(*paths, device=device)
     _cache.clear()
     _cache[key] = backend
     return backend

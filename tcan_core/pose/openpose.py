@@ -23,7 +23,7 @@ import os
 import numpy as np
 import torch
 
-from tcan_core.pose.extract import FramePeople
+from tcan_core.pose.types import FramePeople
 from tcan_core.pose_format import N_BODY, N_FACE, N_HAND
 
 log = logging.getLogger(__name__)

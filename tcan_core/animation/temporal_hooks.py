@@ -31,12 +31,10 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from ..bases import base_by_block_widths
 from ..models.detect import FIX
 
 log = logging.getLogger(__name__)
-
-# Block widths of the published bases, to name them in errors.
-_BASES = {(320, 640, 1280, 1280): "SD1.5", (320, 640, 1280): "SDXL"}
 
 
 class MotionState:
@@ -161,14 +159,6 @@ def _widths(model: torch.nn.Module) -> tuple[int, ...]:
     return tuple(int(c) for c in model.config.block_out_channels)
 
 
-def _base(widths: Sequence[int]) -> str:
-    """'SD1.5' / 'SDXL' for the published widths, else a description by block count."""
-    widths = tuple(widths)
-    if widths in _BASES:
-        return _BASES[widths]
-    return {4: "SD1.5-layout", 3: "SDXL-layout"}.get(len(widths), f"{len(widths)}-block")
-
-
 def _adapter_widths(adapter: torch.nn.Module) -> tuple[int, ...]:
     return tuple(int(block.motion_modules[0].in_channels) if len(block.motion_modules) else 0
                  for block in adapter.down_blocks)
@@ -186,8 +176,8 @@ def _unet_pairs(unet: torch.nn.Module, adapter: torch.nn.Module,
     if unet_widths != adapter_widths or len(adapter.up_blocks) != len(unet.up_blocks):
         advice = (FIX["motion"] if len(unet_widths) == 4
                   else f"choose a motion module made for the UNet's base (block widths {unet_widths})")
-        raise ValueError(f"{source}: the motion module has block widths {adapter_widths} ({_base(adapter_widths)} "
-                         f"motion module) but the UNet has {unet_widths} ({_base(unet_widths)} UNet); {advice}")
+        raise ValueError(f"{source}: the motion module has block widths {adapter_widths} ({base_by_block_widths(adapter_widths)} "
+                         f"motion module) but the UNet has {unet_widths} ({base_by_block_widths(unet_widths)} UNet); {advice}")
     pairs = []
     groups = [(f"down_blocks.{i}", block, adapter.down_blocks[i]) for i, block in enumerate(unet.down_blocks)]
     if getattr(adapter, "mid_block", None) is not None:

@@ -17,7 +17,7 @@ from .model_folders import SLOTS, ModelFolders, Slot
 from .models.controlnet import check_controlnet
 from .models.detect import guess_other_kind
 from .models.errors import ModelFileError, ModelFormatError
-from .models.motion import check_motion_module
+from .models.motion_module import check_motion_module
 from .models.sd15 import check_sd15
 from .models.state_dict import read_shapes
 from .models.tcan_ckpt import (APPEARANCE_UNET, KIND_DESCRIPTIONS, KIND_NODES, TCAN_UNET, TEMPORAL_CONTROLNET, UNKNOWN,

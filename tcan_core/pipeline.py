@@ -114,7 +114,7 @@ class ModelChoice:
 def _model_checks() -> dict[str, tuple[str, Callable[[Path], object]]]:
     """folder -> (what it holds, the loader's own check that raises for a file the loader would refuse)."""
     from .models.controlnet import check_controlnet
-    from .models.motion import check_motion_module
+    from .models.motion_module import check_motion_module
     from .models.sd15 import check_sd15
 
     return {"checkpoints": ("SD1.5 checkpoint", check_sd15),

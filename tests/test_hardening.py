@@ -188,7 +188,7 @@ def test_model_check_refuses_a_diffusers_folder_with_pickled_weights(tiny_tree, 
 
 def test_model_check_and_the_loaders_agree_on_every_tiny_file(tiny_tree):
     from tcan_core.models.controlnet import load_controlnet
-    from tcan_core.models.motion import load_motion_module
+    from tcan_core.models.motion_module import load_motion_module
 
     loaders = {"sd15": lambda p: load_sd15(p, unet_only=False), "controlnet": load_controlnet,
                "motion": load_motion_module}
@@ -202,7 +202,7 @@ def test_model_check_and_the_loaders_agree_on_every_tiny_file(tiny_tree):
 # --- 7: a diffusers motion-adapter folder -------------------------------------------------------
 
 def test_a_diffusers_motion_adapter_folder_is_listed_checked_and_loaded(tiny_parts, tmp_path):
-    from tcan_core.models.motion import load_motion_module
+    from tcan_core.models.motion_module import load_motion_module
 
     folder = tmp_path / "animatediff_models" / "animatediff-motion-adapter-v1-5-2"
     tiny_parts["adapter"].save_pretrained(str(folder))

@@ -52,9 +52,12 @@ def _imports(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
                 root = ".".join(base + ([node.module] if node.module else []))
             else:
                 root = node.module or ""
-            names = [f"{root}.{alias.name}" for alias in node.names] + [root]
             # ``from pkg import name``: the submodule when ``name`` is one, else the package itself.
-            names = [n for n in names if n in modules] or [root]
+            # Python runs ``pkg/__init__`` first, which counts for importers outside ``pkg``; inside it
+            # the package is already being imported, so ``from . import sibling`` is no edge to it.
+            subs = [f"{root}.{alias.name}" for alias in node.names if f"{root}.{alias.name}" in modules]
+            inside = module == root or module.startswith(root + ".")
+            names = subs + ([] if subs and inside else [root])
         else:
             continue
         for name in names:

@@ -139,10 +139,9 @@ class TCANPoseRetarget:
             proportions=proportions, proportions_frame=proportions_frame, tolerance=length_tolerance,
             angle_threshold=angle_threshold, image=image, preview_size=preview_size)
         preview = torch.from_numpy(check.preview).float().div_(255.0)
-        out = with_report(check.report, (to_pose_keypoint(check.result.poses), preview))
-        # The scrubber (web/) marks these frames on its timeline.
-        out["ui"]["tcan_marks"] = check.marks
-        return out
+        # The scrubber (web/) shows the preview frames and marks the flagged frames on its timeline.
+        return with_preview(check.report, (to_pose_keypoint(check.result.poses), preview), preview,
+                            "pose_retarget", tcan_marks=check.marks)
 
 
 class TCANPoseRender:

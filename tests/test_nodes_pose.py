@@ -96,6 +96,8 @@ def test_retarget_node_marks_preview_and_modes(pack):
     assert out["ui"]["tcan_marks"] == [{"frame": 2, "reasons": ["missing in the driving pose: r-wrist"]}]
     assert "frame 2: missing in the driving pose: r-wrist" in out["ui"]["text"][0]
     assert "mode authors_code, proportions from frame 0" in out["ui"]["text"][0]
+    # The scrubber gets the preview frames (over the reference) as ui.images, one per frame.
+    assert len(out["ui"]["images"]) == 5 and out["ui"]["images"][0]["type"] == "temp"
     poses, preview = out["result"]
     assert len(poses) == 5 and isinstance(preview, torch.Tensor) and preview.dtype == torch.float32
     assert preview.shape == (5, 60, 40, 3)  # the reference image's size (under preview_size)

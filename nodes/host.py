@@ -13,7 +13,6 @@ import contextlib
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -230,7 +229,6 @@ class Progress:
 COMFY_MODEL_PATCH = "comfy_model"
 
 
-@dataclass(frozen=True, eq=False)
 class ComfyModelWeights:
     """The patch a TCAN model from ComfyUI's MODEL carries: that MODEL (a clone, ComfyUI's clone semantics)
     and the map from each diffusers UNet parameter to its ``diffusion_model.`` key.
@@ -239,9 +237,11 @@ class ComfyModelWeights:
     it for one sampling call, loaded and patched by ComfyUI itself.
     """
 
-    patcher: object
-    key_map: dict
-    key: str = COMFY_MODEL_PATCH
+    key = COMFY_MODEL_PATCH
+
+    def __init__(self, patcher, key_map: dict) -> None:
+        self.patcher = patcher
+        self.key_map = dict(key_map)
 
     @contextlib.contextmanager
     def applied(self, model, run) -> Iterator[None]:

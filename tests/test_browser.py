@@ -38,8 +38,17 @@ from test_comfyui_integration import WORKFLOWS, _free_port, _write_inputs  # noq
 
 SHOTS = Path(os.environ.get("TCAN_SCREENSHOTS") or ROOT / "test-artifacts" / "screenshots")
 POSE_WORKFLOW = "pose_retarget"
-EDIT_NODE = 12  # TCAN Pose Edit in workflows/pose_retarget.json
-RENDER_NODE = 8
+
+
+def _node_id(workflow: str, node_type: str) -> int:
+    """The id of the one ``node_type`` node of a shipped workflow (ids change when a graph is re-laid out)."""
+    nodes = json.loads((ROOT / "workflows" / f"{workflow}.json").read_text())["nodes"]
+    (found,) = [n["id"] for n in nodes if n["type"] == node_type]
+    return found
+
+
+EDIT_NODE = _node_id(POSE_WORKFLOW, "TCANPoseEdit")
+RENDER_NODE = _node_id(POSE_WORKFLOW, "TCANPoseRender")
 LONG_FRAMES = 2000
 TIMEOUT_MS = 120_000
 

@@ -38,7 +38,7 @@ from test_comfyui_integration import WORKFLOWS, _free_port, _write_inputs  # noq
 
 SHOTS = Path(os.environ.get("TCAN_SCREENSHOTS") or ROOT / "test-artifacts" / "screenshots")
 POSE_WORKFLOW = "pose_retarget"
-EDIT_NODE = 12  # TCAN Pose Edit in workflows/pose_retarget.json
+EDIT_NODE = 13  # TCAN Pose Edit in workflows/pose_retarget.json
 RENDER_NODE = 8
 LONG_FRAMES = 2000
 TIMEOUT_MS = 120_000

@@ -328,3 +328,47 @@ def test_a_2000_frame_preview_stays_responsive(page, comfyui):
 
 def _heap(cdp) -> float:
     return next(m["value"] for m in cdp.send("Performance.getMetrics")["metrics"] if m["name"] == "JSHeapUsedSize")
+
+
+LAYOUT_JS = """() => {
+    const th = LiteGraph.NODE_TITLE_HEIGHT;
+    const nodes = window.app.graph._nodes.map(n => ({id: n.id, type: n.type, title: n.title,
+        box: [n.pos[0], n.pos[1] - th, n.size[0], n.size[1] + th], titlePos: [n.pos[0] + 1, n.pos[1] - th / 2]}));
+    const groups = window.app.graph._groups.map(g => {
+        const b = g._bounding ?? g.boundingRect ?? [...g.pos, ...g.size];
+        return {title: g.title, box: [b[0], b[1], b[2], b[3]]};
+    });
+    return {nodes, groups};
+}"""
+
+
+def _inside(point, box) -> bool:
+    return box[0] <= point[0] <= box[0] + box[2] and box[1] <= point[1] <= box[1] + box[3]
+
+
+def _overlap(a, b) -> bool:
+    return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
+
+
+def layout_problems(layout: dict) -> tuple[list[str], list[str]]:
+    """Pairs of nodes whose rendered boxes (title bar included) overlap, and nodes sticking out of their group."""
+    nodes = layout["nodes"]
+    name = lambda n: f"#{n['id']} {n['type']}"  # noqa: E731
+    overlaps = [f"{name(a)} / {name(b)}" for i, a in enumerate(nodes) for b in nodes[i + 1:]
+                if _overlap(a["box"], b["box"])]
+    outside = []
+    for n in nodes:
+        group = next((g for g in layout["groups"] if _inside(n["titlePos"], g["box"])), None)
+        x, y, w, h = n["box"]
+        if group and not (_inside((x, y), group["box"]) and _inside((x + w, y + h), group["box"])):
+            outside.append(f"{name(n)} sticks out of group '{group['title']}'")
+    return overlaps, outside
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_shipped_workflow_nodes_do_not_overlap_and_stay_in_their_groups(page, path):
+    """The rendered layout (node sizes after the front end and the scrubber grew them), not the JSON's own numbers."""
+    open_template(page, path.stem)
+    overlaps, outside = layout_problems(page.evaluate(LAYOUT_JS))
+    assert not overlaps and not outside, (f"{path.name}: {len(overlaps)} overlapping node pairs: {overlaps}; "
+                                          f"{len(outside)} nodes outside their group: {outside}")

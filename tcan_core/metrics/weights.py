@@ -190,12 +190,10 @@ class LoadedNetwork:
         return {"network": self.network.title, "files": dict(self.sha256)}
 
 
-def load_inception(path: str | os.PathLike) -> LoadedNetwork:
-    """pytorch-fid's FID Inception-v3 from its checkpoint; the module maps ``[N,3,299,299]`` 0..1 to ``[N,2048]``."""
+def fid_inception_module() -> torch.nn.Module:
+    """pytorch-fid's FID Inception-v3 with empty weights (its own builder would download them)."""
     from pytorch_fid import inception as pf
 
-    path = Path(path)
-    sd = _state(path, INCEPTION)
     net = pf._inception_v3(num_classes=1008, aux_logits=False, weights=None)
     # The FID network's blocks differ from torchvision's (pooling in A/C/E); pytorch-fid's classes carry them.
     net.Mixed_5b = pf.FIDInceptionA(192, pool_features=32)
@@ -207,6 +205,14 @@ def load_inception(path: str | os.PathLike) -> LoadedNetwork:
     net.Mixed_6e = pf.FIDInceptionC(768, channels_7x7=192)
     net.Mixed_7b = pf.FIDInceptionE_1(1280)
     net.Mixed_7c = pf.FIDInceptionE_2(2048)
+    return net
+
+
+def load_inception(path: str | os.PathLike) -> LoadedNetwork:
+    """pytorch-fid's FID Inception-v3 from its checkpoint; the module maps ``[N,3,299,299]`` 0..1 to ``[N,2048]``."""
+    path = Path(path)
+    sd = _state(path, INCEPTION)
+    net = fid_inception_module()
     load_strict(net, _fill_bn_counters(net, sd), INCEPTION.title, path)
     return LoadedNetwork(INCEPTION, _FIDInception(net).eval(), {"inception": str(path)})
 

@@ -31,25 +31,16 @@ def write_metric_weights(folder: str | Path, seed: int = 0, r3d_layout: str = "r
     ``disco``: resnet-50-kinetics.pth with ``module.`` keys and 400 classes) and I3D."""
     import lpips
     import torchvision
-    from pytorch_fid import inception as pf
 
     from ..metrics.nets3d import InceptionI3D, ResNet3D50
+    from ..metrics.weights import fid_inception_module
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     files: dict[str, Path] = {}
 
-    net = pf._inception_v3(num_classes=1008, aux_logits=False, weights=None)
-    net.Mixed_5b = pf.FIDInceptionA(192, pool_features=32)
-    net.Mixed_5c = pf.FIDInceptionA(256, pool_features=64)
-    net.Mixed_5d = pf.FIDInceptionA(288, pool_features=64)
-    net.Mixed_6b = pf.FIDInceptionC(768, channels_7x7=128)
-    net.Mixed_6c = pf.FIDInceptionC(768, channels_7x7=160)
-    net.Mixed_6d = pf.FIDInceptionC(768, channels_7x7=160)
-    net.Mixed_6e = pf.FIDInceptionC(768, channels_7x7=192)
-    net.Mixed_7b = pf.FIDInceptionE_1(1280)
-    net.Mixed_7c = pf.FIDInceptionE_2(2048)
+    net = fid_inception_module()
     net.fc = torch.nn.Identity()
     calibrate_batch_norm(net, torch.rand(2, 3, 96, 96) * 2 - 1)
     net.fc = torch.nn.Linear(2048, 1008)

@@ -49,7 +49,7 @@ def face_packs() -> list[str]:
 def load_analyzer(face_pack: str):
     analysis = _analysis()
     pack = analysis.resolve_face_pack(host.folder_paths_for("insightface"), face_pack)
-    analyzer = analysis.FaceAnalyzer.load(pack)
+    analyzer = analysis.FaceAnalyzer.load(pack, device=str(host.torch_device()))
     host.register_pack_caches()
     return analysis, analyzer
 

@@ -3,6 +3,7 @@ adapter formats), Face Mix, Face Similarity, Character Image and Face Pass, and 
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import shutil
@@ -174,3 +175,21 @@ def test_an_empty_batch_into_a_face_node_says_the_batch_is_empty(pack, demo_mode
         else:
             swap = rel(demo_models, "inswapper", "insightface")
             node(pack, "TCANFacePass").apply(empty, face, True, swap, "buffalo_l", 0.5, 0.1)
+
+
+def test_face_analysis_runs_on_the_hosts_device(pack, demo_models, monkeypatch):
+    """The face models are asked for the device the host samples on (onnxruntime providers follow it)."""
+    from tcan_core.face import analysis
+
+    asked = []
+    real_load = analysis.FaceAnalyzer.load.__func__
+
+    def load(cls, pack_dir, providers=None, device=None):
+        asked.append(device)
+        return real_load(cls, pack_dir, providers, "cpu")
+
+    monkeypatch.setattr(analysis.FaceAnalyzer, "load", classmethod(load))
+    host = importlib.import_module(f"{pack.__name__}.nodes.host")
+    monkeypatch.setattr(host, "torch_device", lambda: torch.device("cuda", 1))
+    node(pack, "TCANFaceAnalysis").analyze(picture([(160, 150, 48)]), "buffalo_l", 0.5, -1)
+    assert asked == ["cuda:1"]

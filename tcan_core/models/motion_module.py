@@ -19,7 +19,7 @@ import torch
 from .detect import Detection, detect_motion_module, require_sd15
 from .errors import ModelFormatError
 from .sd15 import _count, _empty, _finish, _meta_shapes, _require_fit, diffusers_weight_shapes, load_diffusers_weights
-from .state_dict import Shapes, load_state_dict_file, load_strict, read_shapes, shapes_of
+from .state_dict import LazyTensors, Shapes, assign_streamed, load_strict, read_shapes
 
 # AnimateDiff uses 8 heads in every temporal attention; the weights do not record it.
 MOTION_HEADS = 8
@@ -38,17 +38,23 @@ def animatediff_key(key: str, source: str) -> str:
     return head + rest.replace(".ff_norm.", ".norm3.")
 
 
-def animatediff_to_diffusers(sd: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+def animatediff_to_diffusers(sd: Mapping[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
     """Original AnimateDiff keys -> diffusers MotionAdapter keys (one PE buffer per transformer block)."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        target = animatediff_key(key, source)
-        if target in out and not torch.equal(out[target], value):
-            raise ModelFormatError(f"{source}: the two attention blocks of {target.removesuffix('.pos_embed.pe')} "
+    return {target: sd[key] for target, key in animatediff_key_map(sd, source).items()}
+
+
+def animatediff_key_map(source: Mapping[str, torch.Tensor], source_name: str) -> dict[str, str]:
+    """Diffusers MotionAdapter key -> original AnimateDiff key (of the first of each block's two PE
+    buffers); the two PE buffers of a block must be equal."""
+    key_map: dict[str, str] = {}
+    for key in source:
+        target = animatediff_key(key, source_name)
+        first = key_map.setdefault(target, key)
+        if first != key and not torch.equal(source[first], source[key]):
+            raise ModelFormatError(f"{source_name}: the two attention blocks of {target.removesuffix('.pos_embed.pe')} "
                                    "have different positional encodings; this is not a standard AnimateDiff "
                                    "motion module.")
-        out[target] = value
-    return out
+    return key_map
 
 
 def motion_adapter_config(det: Detection, sd: Mapping[str, torch.Tensor] | Shapes) -> dict:
@@ -113,12 +119,15 @@ def load_motion_module(path: str | os.PathLike, dtype: torch.dtype = torch.float
     p = Path(path)
     if p.is_dir():
         det, cfg, _ = check_motion_shapes(diffusers_weight_shapes(p), p, _folder_config(p))
-        sd = load_diffusers_weights(p)
-    else:
-        sd = load_state_dict_file(p)
-        det, cfg, _ = check_motion_shapes(shapes_of(sd), p)
-        if det.format == "AnimateDiff":
-            sd = animatediff_to_diffusers(sd, str(p))
+        adapter = _empty(lambda: MotionAdapter.from_config(cfg))
+        load_strict(adapter, load_diffusers_weights(p), f"AnimateDiff {det.details['version']} motion module", p)
+        return _finish(adapter, dtype, device), det
+    # Tensor by tensor, cast on the way in: the published modules are fp32 .ckpt files, and loading
+    # them whole before a cast to fp16 held both copies at once.
+    lazy = LazyTensors(p)
+    det, cfg, _ = check_motion_shapes(lazy.shapes, p)
+    key_map = animatediff_key_map(lazy, str(p)) if det.format == "AnimateDiff" else {k: k for k in lazy}
     adapter = _empty(lambda: MotionAdapter.from_config(cfg))
-    load_strict(adapter, sd, f"AnimateDiff {det.details['version']} motion module", p)
+    assign_streamed(adapter, lazy, key_map, f"AnimateDiff {det.details['version']} motion module", p,
+                    dtype=dtype, device=device)
     return _finish(adapter, dtype, device), det

@@ -7,12 +7,15 @@ pickled Python objects that could run code.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
+import mmap
 import os
 import pickle
 import re
 import struct
+import sys
 import zipfile
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
@@ -194,6 +197,49 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+_MADV_DONTNEED = 4  # Linux <sys/mman.h>
+
+
+def _libc_madvise():
+    """libc's ``madvise`` on Linux, else None (other systems keep the pages until the mapping is freed)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_madvise = _libc_madvise()
+
+
+def release_mapped_pages(tensor: torch.Tensor) -> int:
+    """Drop the resident pages of a tensor read through ``torch.load(mmap=True)`` -> bytes released.
+
+    Such tensors live in a private (copy-on-write) file mapping; once a tensor has been copied
+    (cast to another dtype or device), its pages would otherwise stay counted in the process's
+    memory next to the copy until the whole file is closed. ``MADV_DONTNEED`` on unmodified
+    private file pages only unmaps them: a later read maps the file's bytes again. Only whole pages
+    inside the tensor's storage are released, so neighbouring tensors are never touched.
+    """
+    if _madvise is None:
+        return 0
+    storage = tensor.untyped_storage()
+    start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+    page = mmap.PAGESIZE
+    first, last = -(-start // page) * page, end // page * page
+    if last <= first:
+        return 0
+    if _madvise(first, last - first, _MADV_DONTNEED) != 0:
+        log.debug("madvise(MADV_DONTNEED) failed with errno %d; the pages stay until the file is closed",
+                  ctypes.get_errno())
+        return 0
+    return last - first
+
+
 class LazyTensors(Mapping):
     """Key -> tensor of a model file, each tensor read only when it is asked for.
 
@@ -255,6 +301,12 @@ class LazyTensors(Mapping):
                                      "short); download it again.")
         return out.view(dtype).reshape(shape)
 
+    def release(self, key: str) -> None:
+        """Give back the memory the tensor ``key`` holds once the caller has copied it (torch archives:
+        its mapped file pages; safetensors reads are fresh buffers, freed when the caller drops them)."""
+        if self.kind == "torch-zip" and self._torch is not None:
+            release_mapped_pages(self._torch[key])
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._torch if self._torch is not None else self._entries)
 
@@ -306,7 +358,9 @@ def assign_streamed(module: torch.nn.Module, source: Mapping[str, torch.Tensor],
     cast to ``dtype``/``device`` one tensor at a time, so only one extra tensor is ever held.
 
     Keys and shapes must fit exactly (checked before anything is read); a tensor already in the
-    right dtype and device is used as it is, without a copy.
+    right dtype and device is used as it is, without a copy. A tensor that was copied is released
+    from a :class:`LazyTensors` source right away (a torch archive's mapped pages would otherwise
+    stay resident next to the copy).
     """
     expected = shapes_of(module.state_dict())
     source_shapes = source.shapes if isinstance(source, LazyTensors) else shapes_of(source)
@@ -319,8 +373,11 @@ def assign_streamed(module: torch.nn.Module, source: Mapping[str, torch.Tensor],
     for key, src in key_map.items():
         tensor = source[src]
         cast = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
-        bind_tensors(module, {key: tensor.to(device=device, dtype=cast)})
-        del tensor
+        out = tensor.to(device=device, dtype=cast)
+        bind_tensors(module, {key: out})
+        if isinstance(source, LazyTensors) and out.untyped_storage().data_ptr() != tensor.untyped_storage().data_ptr():
+            source.release(src)
+        del tensor, out
     meta = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
     if meta:
         raise ModelFormatError(f"{path}: the {what} has tensors the file did not fill: {format_keys(meta)}")

@@ -1,4 +1,4 @@
-"""Torch-archive motion modules load tensor by tensor, cast on the way in, and give back the mapped
+"""Torch-archive motion modules and ControlNets load tensor by tensor, cast on the way in, and give back the mapped
 file pages of every tensor they copied, so a float16 load of an fp32 .ckpt never holds both copies."""
 
 from __future__ import annotations
@@ -31,6 +31,21 @@ def test_fp16_motion_ckpt_has_no_fp32_tensor_and_same_weights(tiny_tree):
     assert set(loaded) == set(reference)
     for key, value in loaded.items():
         assert value.dtype == reference[key].dtype and torch.equal(value, reference[key]), key
+
+
+@pytest.mark.parametrize("kind", ["controlnet_ldm_bare", "controlnet_ldm", "controlnet_diffusers"])
+def test_fp16_controlnet_loads_tensor_by_tensor_with_the_same_weights(tiny_tree, kind):
+    """ControlNet files (the published fp32 .pth among them) stream the same way, with the weights of a
+    float32 load cast afterwards."""
+    from tcan_core.models.controlnet import load_controlnet
+
+    half, _ = load_controlnet(tiny_tree.files[kind], dtype=torch.float16)
+    assert [n for n, t in half.state_dict().items() if t.dtype == torch.float32] == []
+    reference = load_controlnet(tiny_tree.files[kind], dtype=torch.float32)[0].half().state_dict()
+    loaded = half.state_dict()
+    assert set(loaded) == set(reference)
+    for key, value in loaded.items():
+        assert torch.equal(value, reference[key]), key
 
 
 @linux_only

@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 
 from .detect import Detection, detect_controlnet, require_sd15
-from .sd15 import (_count, _empty, _finish, _infer, _meta_shapes, _reject_unconverted, _require_fit,
+from .sd15 import (_count, _empty, _finish, _infer, _meta_shapes, _require_fit,
                    diffusers_weight_shapes, infer_unet_config, load_diffusers_weights, shipped_config)
-from .state_dict import Shapes, load_state_dict_file, load_strict, read_shapes, shapes_of
+from .errors import ModelFormatError
+from .state_dict import LazyTensors, Shapes, assign_streamed, load_strict, read_shapes, shapes_of
 
 
 def infer_controlnet_config_ldm(shapes: Shapes, prefix: str = "") -> dict:
@@ -98,24 +99,41 @@ def load_controlnet(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                     device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Detection]:
     """Load an SD1.5 ControlNet -> (diffusers ControlNetModel, detection)."""
     from diffusers import ControlNetModel
-    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 
     p = Path(path)
     if p.is_dir():
         det, cfg = check_controlnet_shapes(diffusers_weight_shapes(p), p, _read_config(p))
-        sd = load_diffusers_weights(p)
-    else:
-        sd = load_state_dict_file(p)
-        det, cfg = check_controlnet_shapes(shapes_of(sd), p)
-        if det.format != "diffusers":
-            prefix = det.details["prefix"]
-            source = {k: v for k, v in sd.items() if k.startswith(prefix)} if prefix else sd
-            converted = convert_controlnet_checkpoint(sd, cfg)
-            _reject_unconverted("ControlNet", source, converted, p)
-            sd = converted
+        model = _empty(lambda: ControlNetModel.from_config(cfg))
+        load_strict(model, load_diffusers_weights(p), "SD1.5 ControlNet", p)
+        return _finish(model, dtype, device), det
+    # Tensors are read one at a time and cast on the way in (an fp32 .pth loaded in fp16 never
+    # holds both copies); every check runs on the shapes first.
+    lazy = LazyTensors(p)
+    det, cfg = check_controlnet_shapes(lazy.shapes, p)
+    key_map = {k: k for k in lazy.shapes} if det.format == "diffusers" else \
+        _ldm_controlnet_key_map(lazy.shapes, det.details["prefix"], cfg, p)
     model = _empty(lambda: ControlNetModel.from_config(cfg))
-    load_strict(model, sd, "SD1.5 ControlNet", p)
+    assign_streamed(model, lazy, key_map, "SD1.5 ControlNet", p, dtype=dtype, device=device)
     return _finish(model, dtype, device), det
+
+
+def _ldm_controlnet_key_map(shapes: Shapes, prefix: str, cfg: dict, path) -> dict[str, str]:
+    """diffusers key -> file key of an LDM-named ControlNet, from shapes only: diffusers' own conversion
+    runs on empty (meta) tensors and the renaming is read back by tensor identity."""
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+
+    tokens = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+    converted = convert_controlnet_checkpoint(tokens, cfg)
+    by_id = {id(t): k for k, t in tokens.items()}
+    key_map = {k: by_id[id(t)] for k, t in converted.items() if id(t) in by_id}
+    if len(key_map) != len(converted):
+        raise ModelFormatError(f"{path}: the ControlNet conversion changed tensors it should only rename: "
+                               f"{', '.join(sorted(set(converted) - set(key_map))[:8])}")
+    left = sorted(set(k for k in tokens if k.startswith(prefix)) - set(key_map.values()))
+    if left:
+        shown = ", ".join(left[:8]) + (f" ... and {len(left) - 8} more" if len(left) > 8 else "")
+        raise ModelFormatError(f"{path}: {len(left)} unexpected ControlNet key(s) that no SD1.5 layer takes: {shown}")
+    return key_map
 
 
 def detect_controlnet_source(path: str | os.PathLike) -> Detection:

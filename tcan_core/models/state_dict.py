@@ -217,7 +217,7 @@ _madvise = _libc_madvise()
 
 
 def release_mapped_pages(tensor: torch.Tensor) -> int:
-    """Drop the resident pages of a tensor read through ``torch.load(mmap=True)`` -> bytes released.
+    """Drop the resident pages of a tensor read through ``torch.load(mmap=True, weights_only=True)`` -> bytes released.
 
     Such tensors live in a private (copy-on-write) file mapping; once a tensor has been copied
     (cast to another dtype or device), its pages would otherwise stay counted in the process's

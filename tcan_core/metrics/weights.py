@@ -295,28 +295,27 @@ def load_lpips(alexnet_path: str | os.PathLike, linear_path: str | os.PathLike) 
     return LoadedNetwork(ALEXNET, model.eval(), {"alexnet": str(alexnet_path), "lpips_linear": str(linear_path)})
 
 
+def _load_kinetics_net(path: str | os.PathLike, spec, build, head_key: str, file_key: str) -> LoadedNetwork:
+    """A Kinetics 3D network built with the class count its head holds (400 without a head), loaded strictly."""
+    path = Path(path)
+    sd = _state(path, spec)
+    net = build(num_classes=int(sd[head_key].shape[0]) if head_key in sd else 400)
+    load_strict(net, _fill_bn_counters(net, sd), spec.title, path)
+    return LoadedNetwork(spec, net.eval(), {file_key: str(path)})
+
+
 def load_resnet3d(path: str | os.PathLike) -> LoadedNetwork:
     """The 3D ResNet-50 from ``resnet-50-kinetics.pth`` or ``r3d50_K_200ep.pth`` (classes read from the file)."""
     from .nets3d import ResNet3D50
 
-    path = Path(path)
-    sd = _state(path, RESNET3D)
-    classes = int(sd["fc.weight"].shape[0]) if "fc.weight" in sd else 400
-    net = ResNet3D50(num_classes=classes)
-    load_strict(net, _fill_bn_counters(net, sd), RESNET3D.title, path)
-    return LoadedNetwork(RESNET3D, net.eval(), {"resnet3d50": str(path)})
+    return _load_kinetics_net(path, RESNET3D, ResNet3D50, "fc.weight", "resnet3d50")
 
 
 def load_i3d(path: str | os.PathLike) -> LoadedNetwork:
     """I3D from ``i3d_pretrained_400.pt`` (classes read from the file)."""
     from .nets3d import InceptionI3D
 
-    path = Path(path)
-    sd = _state(path, I3D)
-    classes = int(sd["logits.conv3d.weight"].shape[0]) if "logits.conv3d.weight" in sd else 400
-    net = InceptionI3D(num_classes=classes)
-    load_strict(net, _fill_bn_counters(net, sd), I3D.title, path)
-    return LoadedNetwork(I3D, net.eval(), {"i3d": str(path)})
+    return _load_kinetics_net(path, I3D, InceptionI3D, "logits.conv3d.weight", "i3d")
 
 
 def load_networks(search: WeightsSearch, wanted: Sequence[str]) -> tuple[dict[str, LoadedNetwork], dict[str, str]]:

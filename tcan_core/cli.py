@@ -1,4 +1,4 @@
-"""The command line: ``doctor`` (which model files are found), ``animate``, ``tiny-models`` and ``demo``."""
+"""The command line: ``doctor`` (which model files are found), ``animate``, ``prepare-data``, ``tiny-models`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -117,6 +117,37 @@ def _animate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare_data(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .model_folders import ModelFolders
+    from .training.prepare import prepare_data
+
+    def say(line: str) -> None:
+        tqdm.write(line, file=sys.stdout)
+        sys.stdout.flush()
+
+    device = args.device
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    with _progress_bar(desc="DWPose", total=0, unit="frame") as bar:
+        def on_clip(name: str, frames: int) -> None:
+            bar.total += frames
+            bar.set_description(f"DWPose on {name}")
+
+        report = prepare_data(args.videos, args.out, ModelFolders(args.models).paths("tcan_pose"),
+                              max_side=args.max_side, max_frames=args.max_frames, overwrite=args.overwrite,
+                              device=device, progress=bar.update, on_clip=on_clip, say=say)
+    _say(report.summary())
+    if report.clips == 0:
+        print(f"error: no clip could be prepared from {args.videos} (see the reasons above); give videos in which "
+              "one person is clearly visible", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m tcan_core",
@@ -166,6 +197,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "algorithm_1 (the pack's earlier reading: pairs averaged, no clip on foreshortening)")
     p.add_argument("--fps", type=float, help="frame rate of the output (default: the driving video's, or 12)")
     p.set_defaults(func=_animate)
+
+    p = sub.add_parser("prepare-data", help="turn a folder of videos into a TCAN training set (frames, DWPose, "
+                                            "rendered poses, manifest); cached and resumable")
+    p.add_argument("--videos", required=True, metavar="DIR",
+                   help="folder of videos (.mp4/.mov/.avi/.mkv/.webm/.gif/.webp) and/or sub-folders of frames "
+                        "(.png/.jpg/.jpeg/.webp), one person per clip")
+    p.add_argument("--out", required=True, metavar="DATA", help="training set folder to create or continue")
+    p.add_argument("--models", default="models", metavar="DIR",
+                   help="models root; DWPose's yolox_l.onnx and dw-ll_ucoco_384.onnx are searched in DIR/tcan/pose "
+                        "(and the folders comfyui_controlnet_aux uses)")
+    p.add_argument("--max-side", type=int, default=768, metavar="N",
+                   help="scale frames down so the longer side is at most N pixels (0 keeps them); default 768")
+    p.add_argument("--max-frames", type=int, metavar="N", help="use only the first N frames of each clip")
+    p.add_argument("--overwrite", action="store_true", help="prepare every clip again, also those already done")
+    p.add_argument("--device", default=None,
+                   help="where DWPose runs: cpu, cuda or cuda:N (default: cuda when torch sees a GPU, else cpu)")
+    p.set_defaults(func=_prepare_data)
 
     p = sub.add_parser("demo", help="build the tiny model set and run the whole TCAN graph on the CPU")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the models, previews and report")

@@ -81,7 +81,10 @@ class WindowInput:
     ``appearance_context`` the one for the appearance UNet; ``prepared`` holds each hook's window
     data in hook order; ``calibrated`` (TPC) is (images used, each frame's index among them, driving
     person masks [f,h,w], warped reference masks [U,h,w]) on the device, ``calibrated_latents``
-    [Nc,4,h,w] the calibrated references' latents.
+    [Nc,4,h,w] the calibrated references' latents. Training sets the last two:
+    ``reference_rows`` bool [f] says which rows read the reference (TCAN's stage 1 drops it for some
+    samples; None: every row guidance allows), ``reference_index`` long [f] which stored reference
+    each row reads (one per video of a batch; None: one shared reference).
     """
 
     call: WindowCall
@@ -94,6 +97,8 @@ class WindowInput:
     reference_out_of_uncond: bool = True
     calibrated: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     calibrated_latents: torch.Tensor | None = None
+    reference_rows: torch.Tensor | None = None
+    reference_index: torch.Tensor | None = None
 
     @property
     def guided(self) -> bool:
@@ -137,6 +142,8 @@ def window_forward(unet: torch.nn.Module, appearance: torch.nn.Module, bank: Any
     use_reference = torch.ones(halves * frames, dtype=torch.bool, device=device)
     if guided and window.reference_out_of_uncond:
         use_reference[:frames] = False
+    if window.reference_rows is not None:
+        use_reference &= window.reference_rows.to(device).bool().repeat(halves)
     calibrated_index = query_masks = key_masks = None
     if window.calibrated is not None:
         used, local, query, key_masks = window.calibrated
@@ -145,7 +152,8 @@ def window_forward(unet: torch.nn.Module, appearance: torch.nn.Module, bank: Any
         calibrated_index = torch.where(use_reference, local.repeat(halves), torch.full_like(local.repeat(halves), -1))
         query_masks = query.repeat(halves, 1, 1)
     if bank is not None:
-        bank.set_read(window.latent_size, use_reference, calibrated_index, query_masks, key_masks)
+        reference_index = None if window.reference_index is None else window.reference_index.repeat(halves)
+        bank.set_read(window.latent_size, use_reference, calibrated_index, query_masks, key_masks, reference_index)
 
     if guided:
         model_in = torch.cat([x, x])

@@ -101,6 +101,7 @@ class ReferenceBank:
         self._calibrated_index: torch.Tensor | None = None
         self._query_masks: torch.Tensor | None = None
         self._key_masks: torch.Tensor | None = None
+        self._reference_index: torch.Tensor | None = None
         self._any_reference = False
         self._plans: dict[tuple[Any, ...], _RowPlan] = {}
 
@@ -156,7 +157,7 @@ class ReferenceBank:
 
     def set_read(self, latent_size: tuple[int, int], use_reference: torch.Tensor,
                  calibrated_index: torch.Tensor | None = None, query_masks: torch.Tensor | None = None,
-                 key_masks: torch.Tensor | None = None) -> None:
+                 key_masks: torch.Tensor | None = None, reference_index: torch.Tensor | None = None) -> None:
         """Read the stored tokens in the next UNet calls: per row of the batch [rows], reference and calibration.
 
         ``use_reference`` bool [rows] says which rows attend to the reference. ``calibrated_index``
@@ -164,6 +165,9 @@ class ReferenceBank:
         may have one). ``query_masks`` [rows,H,W] in 0..1 is the driving person's region of each
         row (None: every query), ``key_masks`` [Nc,H,W] in 0..1 the warped person mask of each
         calibrated image (None: every key); both at any resolution, see the module docstring.
+        ``reference_index`` long [rows] picks each row's stored reference when several are stored
+        (training: one reference per video of a batch); None: one reference shared by every row, or
+        one stored per row.
         """
         if (not isinstance(latent_size, (tuple, list)) or len(latent_size) != 2
                 or any(isinstance(v, bool) or int(v) != v or v < 1 for v in latent_size)):
@@ -205,7 +209,15 @@ class ReferenceBank:
             if count is not None and int(index_cpu.max()) >= count:
                 raise ValueError(f"calibrated_index {index_cpu.tolist()} points past the {count} calibrated images; "
                                  f"use indices 0..{count - 1} or -1")
+        if reference_index is not None:
+            if (not isinstance(reference_index, torch.Tensor) or reference_index.dtype.is_floating_point
+                    or reference_index.dtype == torch.bool or tuple(reference_index.shape) != (rows,)
+                    or bool((reference_index < 0).any())):
+                raise ValueError(f"reference_index must be an integer tensor [{rows}] of stored reference indices "
+                                 f"(>= 0), one per row, got {_describe(reference_index)}")
+            reference_index = reference_index.detach().long()
         self._latent_size = (int(latent_size[0]), int(latent_size[1]))
+        self._reference_index = reference_index
         self._use_reference = use_cpu
         self._calibrated_index = index_cpu
         self._query_masks = query_masks
@@ -226,8 +238,14 @@ class ReferenceBank:
         self._calibrated_index = None
         self._query_masks = None
         self._key_masks = None
+        self._reference_index = None
         self._any_reference = False
         self._plans.clear()
+
+    @property
+    def reference_index(self) -> torch.Tensor | None:
+        """Each row's stored reference (long [rows]) as given to :meth:`set_read`, or None."""
+        return self._reference_index
 
     @property
     def reads_reference(self) -> bool:
@@ -314,7 +332,7 @@ class ReferenceAttnProcessor(ComposedAttnProcessor, Contribution):
     the tokens and replaces the attention of rows that read the reference).
     """
 
-    def __init__(self, bank: ReferenceBank, name: str, level: int | None = None) -> None:
+    def __init__(self, bank: ReferenceBank, name: str, level: int | None = None, reads: bool = True) -> None:
         if not isinstance(bank, ReferenceBank):
             raise ValueError(f"bank must be a ReferenceBank, got {type(bank).__name__}")
         if level is not None and (isinstance(level, bool) or int(level) != level or level < 0):
@@ -323,6 +341,7 @@ class ReferenceAttnProcessor(ComposedAttnProcessor, Contribution):
         self.bank = bank
         self.name = name
         self.level = level
+        self.reads = bool(reads)
 
     def observe(self, hidden_states: torch.Tensor) -> None:
         """Write mode: store the tokens [B,N,C] under this layer's name."""
@@ -332,7 +351,7 @@ class ReferenceAttnProcessor(ComposedAttnProcessor, Contribution):
     def attend(self, attn: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                mask: torch.Tensor | None, row_scale: torch.Tensor | None) -> torch.Tensor | None:
         """Read mode with a row that uses the reference: attention over ``[frame; ref(; cal)]``; else None."""
-        if self.bank.mode != MODE_READ or not self.bank.reads_reference:
+        if not self.reads or self.bank.mode != MODE_READ or not self.bank.reads_reference:
             return None
         if row_scale is not None:
             raise ValueError(f"layer {self.name!r} reads the reference and another contribution scales its query; "
@@ -370,14 +389,24 @@ class ReferenceAttnProcessor(ComposedAttnProcessor, Contribution):
         if reference is None:
             raise ValueError(f"layer {name!r} has no stored reference tokens ({len(bank.layers)} layers have); "
                              "run the appearance UNet inside `with bank.writing():` before the denoising UNet")
-        if reference.shape[0] not in (1, rows):
+        chosen = bank.reference_index
+        if chosen is not None:
+            if int(chosen.max()) >= reference.shape[0]:
+                raise ValueError(f"layer {name!r} stored {reference.shape[0]} reference(s) but reference_index asks "
+                                 f"for index {int(chosen.max())}; run the appearance UNet on every reference the "
+                                 "rows name")
+        elif reference.shape[0] not in (1, rows):
             raise ValueError(f"layer {name!r} stored reference tokens for a batch of {reference.shape[0]} but the "
                              f"denoising batch has {rows} rows; run the appearance UNet on 1 reference latent (shared "
-                             "by all rows) or on one per row")
+                             "by all rows) or on one per row, or give set_read a reference_index")
         size = self.layer_size(tokens) if bank.masked else None
         plan = bank.plan(size, query.device)
         reference = reference.to(device=query.device, dtype=query.dtype)
         key_ref, value_ref = attn.to_k(reference), attn.to_v(reference)
+        if chosen is not None:
+            # Projected once per stored reference, then gathered per row.
+            chosen = chosen.to(query.device)
+            key_ref, value_ref = key_ref[chosen], value_ref[chosen]
 
         out = query.new_empty((rows, tokens, inner_dim))
         if plan.plain_rows.numel():
@@ -450,8 +479,11 @@ def reference_layers(unet: torch.nn.Module) -> dict[str, int]:
 def reference_attention(bank: ReferenceBank, *unets: torch.nn.Module) -> Iterator[ReferenceBank]:
     """Reference processors on the mid/up ``attn1`` of each UNet for the ``with`` block; originals restored after.
 
-    Pass the denoising UNet and the appearance UNet; when they are the same object (training-free
-    mode) it is installed once and its processors both write and read, as the bank's mode says.
+    Pass the denoising UNet first, then the appearance UNet; when they are the same object
+    (training-free mode) it is installed once and its processors both write and read, as the bank's
+    mode says. A distinct appearance UNet only writes: in read mode it runs plain self-attention,
+    which is what it ran while writing, so a gradient-checkpointed appearance UNet recomputes the
+    same values during the backward pass of training.
     """
     if not isinstance(bank, ReferenceBank):
         raise ValueError(f"bank must be a ReferenceBank, got {type(bank).__name__}")
@@ -464,7 +496,8 @@ def reference_attention(bank: ReferenceBank, *unets: torch.nn.Module) -> Iterato
     layers = [(unet, reference_layers(unet)) for unet in distinct]
     with contextlib.ExitStack() as stack:
         for unet, levels in layers:
-            contributions = {name: ReferenceAttnProcessor(bank, name, level) for name, level in levels.items()}
+            reads = unet is distinct[0]
+            contributions = {name: ReferenceAttnProcessor(bank, name, level, reads) for name, level in levels.items()}
             # A processor already composed on an attn1 gets the reference appended; any other is replaced
             # by the reference processor itself (the contribution is its own processor).
             stack.enter_context(contributing(unet, contributions, lambda contribution: contribution))

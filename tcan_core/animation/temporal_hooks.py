@@ -125,12 +125,17 @@ class _TemporalHook:
 
 
 def check_placement(model: torch.nn.Module, modules: Sequence[torch.nn.Module], source: str) -> None:
-    """Temporal layers must live on the model's device and in its dtype before a call."""
+    """Temporal layers must live on the model's device and, unless autocast is on, in its dtype before a call.
+
+    Under autocast (mixed-precision training: trained layers in float32, frozen ones in half
+    precision) the operations choose their own dtype, so only the device must agree.
+    """
     reference = next(model.parameters(), None)
     layer = next((p for m in modules for p in m.parameters()), None)
     if reference is None or layer is None:
         return
-    if layer.device != reference.device or layer.dtype != reference.dtype:
+    dtype_differs = layer.dtype != reference.dtype and not torch.is_autocast_enabled(reference.device.type)
+    if layer.device != reference.device or dtype_differs:
         raise ValueError(f"{source} is on {layer.device} in {layer.dtype} but {type(model).__name__} is on "
                          f"{reference.device} in {reference.dtype}; move it with .to(device, dtype) first")
 

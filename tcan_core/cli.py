@@ -1,4 +1,5 @@
-"""The command line: ``doctor`` (which model files are found), ``animate``, ``prepare-data``, ``tiny-models`` and ``demo``."""
+"""The command line: ``doctor`` (which model files are found), ``animate``, ``prepare-data``, ``train``,
+``evaluate``, ``tiny-models`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -220,8 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_demo)
 
     from .metrics.command import add_evaluate_parser
+    from .training.command import add_train_parser
 
     add_evaluate_parser(sub)
+    add_train_parser(sub)
     return parser
 
 

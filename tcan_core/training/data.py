@@ -10,8 +10,8 @@ The datasets follow the authors' ``magicanimate/data/dataset.py``:
 
 - stage 1 (:class:`PairDataset`, their ``TikTokImageDataset2``): one item per video; a
   reference frame ``r`` uniform over the clip and a target ``t = (r + k) % L`` with ``k`` uniform
-  in ``[m, L - m - 1]``, ``m = min(margin, L)``; clips shorter than ``2 m`` take ``k`` uniform in
-  ``[1, L - 1]``;
+  in ``[m, L - m - 1]``, ``m = min(margin, L)``; clips of at most ``2 m`` frames take ``k``
+  uniform in ``[1, L - 1]``; one-frame clips are left out (there is no second frame);
 - stage 2 (:class:`ClipDataset`, their ``TikTokVideoDataset``): clips of ``frames`` consecutive
   frames from a uniform start, with the video's first frame as the reference; shorter videos are
   left out;
@@ -358,7 +358,9 @@ class PairDataset(_CroppedFrames):
         """(reference, target) frame indices of a ``length``-frame clip, by the authors' margin rule."""
         reference = int(torch.randint(length, (1,), generator=generator))
         margin = min(self.margin, length)
-        low, high = (1, length - 1) if length < 2 * margin else (margin, length - margin - 1)
+        # The authors fall back when length < 2m; at exactly 2m their range [m, m - 1] is empty (their
+        # code raises), so the fallback covers it too.
+        low, high = (1, length - 1) if length <= 2 * margin else (margin, length - margin - 1)
         offset = int(torch.randint(low, high + 1, (1,), generator=generator))
         return reference, (reference + offset) % length
 

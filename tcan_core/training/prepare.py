@@ -31,8 +31,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from tcan_core.training.data import CLIPS_FOLDER, IMAGE_SUFFIXES, IMAGES_FOLDER, KEYPOINTS_FILE, MANIFEST, \
-    POSES_FOLDER, natural_key
+from tcan_core.training.data import (CLIPS_FOLDER, IMAGE_SUFFIXES, IMAGES_FOLDER, KEYPOINTS_FILE, MANIFEST,
+                                     POSES_FOLDER, natural_key)
 from tcan_core.video_io import VIDEO_INPUT_SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -330,7 +330,7 @@ def prepare_data(videos: str | Path, out: str | Path, pose_folders: Sequence[str
         height, width = frames.shape[1:3]
         rendered = render_poses(poses, width, height)
         _write_clip(clips_dir / source.name, frames, rendered, to_pose_keypoint(poses))
-        done[source.name] = {**record, "frames": int(len(frames)), "fps": fps, "width": int(width),
+        done[source.name] = {**record, "frames": len(frames), "fps": fps, "width": int(width),
                              "height": int(height), "frames_with_person": int(with_person)}
         passed.pop(source.name, None)
         report.written.append(source.name)

@@ -420,6 +420,21 @@ def test_prepare_data_command(tmp_path, pose_models, videos, capsys):
     assert main([*args[:2], str(videos), "--models", str(tmp_path / "no_models"), "--out", str(tmp_path / "d3")]) == 2
     assert "DWPose" in capsys.readouterr().err
 
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "prepare-data" in capsys.readouterr().out
+
+    import tcan_core.pose.pose_json as pose_json
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pose_json, "save_pose_json", interrupt)
+        assert main([*args, "--out", str(tmp_path / "d5")]) == 130
+    assert "interrupted: the clips finished so far are kept" in capsys.readouterr().err
+    assert not any((tmp_path / "d5" / "clips").iterdir())
+
     nobody = tmp_path / "nobody"
     nobody.mkdir()
     (nobody / "broken.mp4").write_bytes(b"x")

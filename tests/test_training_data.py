@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -218,6 +219,19 @@ def test_aspect_ratio_of_the_crop_follows_the_output(four_clips):
         assert 1.8 * 0.98 <= w / h <= 2.0 * 1.02 and 0 <= top <= 400 - h and 0 <= left <= 1000 - w
 
 
+def test_frames_that_cannot_hold_a_random_crop_are_named(tmp_path, caplog):
+    indexed_clip(tmp_path / "wide", 3)
+    clips = load_clips(tmp_path).clips
+    with caplog.at_level("WARNING", logger="tcan_core.training.data"):
+        PairDataset(clips, width=96, height=64)[0]
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="tcan_core.training.data"):
+        square = PairDataset(clips, width=64, height=64)
+        crops = {tuple(square[n]["target"].shape) for n in range(3)}
+    assert len(caplog.records) == 1 and "frames of 64x48 (aspect 1.33) cannot hold a crop of 90%" in caplog.text
+    assert crops == {(1, 3, 64, 64)}
+
+
 # --- stage 2 ---------------------------------------------------------------------------------------
 
 def test_clips_of_consecutive_frames_with_the_first_frame_as_reference(tmp_path):
@@ -351,6 +365,15 @@ def test_prepare_data_end_to_end_and_resume(videos, tmp_path, pose_models):
     os.utime(videos / "walk.mp4", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     report, _ = _prepare(videos, out, pose_models)
     assert report.written == ["walk"] and report.cached == ["frames_clip"]
+
+    # A clip folder deleted by hand is listed as missing, and the next run makes it again.
+    shutil.rmtree(out / "clips" / "frames_clip")
+    clips = load_clips(out)
+    assert [c.name for c in clips.clips] == ["walk"]
+    assert ("frames_clip", f"listed in manifest.json but {out / 'clips' / 'frames_clip'} is missing; run "
+            "prepare-data again") in clips.skipped
+    report, _ = _prepare(videos, out, pose_models)
+    assert report.written == ["frames_clip"] and report.cached == ["walk"]
 
 
 def test_prepare_data_scales_frames_down(tmp_path, pose_models):

@@ -313,6 +313,7 @@ class _CroppedFrames(Dataset):
         self.clips: list[Clip] = []
         self.skipped: list[tuple[str, str]] = []
         self._epoch: tuple[int, torch.Tensor] | None = None
+        self._warned: set[tuple[int, int]] = set()
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -341,12 +342,29 @@ class _CroppedFrames(Dataset):
         """The generator of every other random choice of item ``n``: seeded with ``mix_seed("sample", seed, n)``."""
         return torch.Generator().manual_seed(mix_seed("sample", self.seed, int(n)))
 
+    def _check_aspect(self, size: tuple[int, int]) -> None:
+        """Warn (once per frame size) when no crop of the allowed area and aspect fits in the frame.
+
+        A crop of area ``s * W * H`` and aspect ``r`` fits when ``s * W/H <= r <= W/H / s``; when no
+        ``r`` of the range does, torchvision falls back to one centre crop, the same for every item.
+        """
+        aspect = size[1] / size[0]
+        if self.scale[0] * aspect <= self.ratio[1] and self.ratio[0] <= aspect / self.scale[0]:
+            return
+        if size not in self._warned:
+            self._warned.add(size)
+            log.warning("frames of %dx%d (aspect %.2f) cannot hold a crop of %.0f%% of their area at the output's "
+                        "aspect %.2f (%dx%d), so every item gets the same centre crop and the random crop is lost; "
+                        "train at about the videos' aspect ratio", size[1], size[0], aspect, self.scale[0] * 100,
+                        self.width / self.height, self.width, self.height)
+
     def load(self, images: Sequence[Path], poses: Sequence[Path], generator: torch.Generator) -> torch.Tensor:
         """``images`` then ``poses`` with one random resized crop for all: float32 [N,3,H,W] in 0..1.
 
         The crop is drawn for the size of the first image; every other file is brought to that size first.
         """
         size = frame_size(images[0])
+        self._check_aspect(size)
         seed = int(torch.randint(2**62, (1,), generator=generator))
         crop = crop_params(size[0], size[1], self.scale, self.ratio, seed)
         return read_frames([*images, *poses], size, crop, (self.height, self.width))

@@ -171,10 +171,11 @@ def test_items_depend_on_seed_and_n_only(tmp_path):
     assert len(set(wanted)) == 3
     assert _fingerprint(PairDataset(clips, width=64, height=64, margin=2, seed=8)[0]) != wanted[0]
     # A fresh process gives the same items.
-    code = ("import sys, hashlib; sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[1] + '/tests');"
-            "from test_training_data import _fingerprint; from tcan_core.training.data import load_clips, PairDataset;"
-            "d = PairDataset(load_clips(sys.argv[2]).clips, width=64, height=64, margin=2, seed=7);"
-            "print(_fingerprint(d[5]))")
+    code = ("import sys, hashlib; sys.path.insert(0, sys.argv[1]);"
+            "from tcan_core.training.data import load_clips, PairDataset;"
+            "item = PairDataset(load_clips(sys.argv[2]).clips, width=64, height=64, margin=2, seed=7)[5];"
+            "digest = hashlib.sha256(); [digest.update(item[k].numpy().tobytes()) for k in ('reference', 'target', "
+            "'poses')]; print(item['clip'], item['frames'], digest.hexdigest())")
     out = subprocess.run([sys.executable, "-c", code, str(ROOT), str(tmp_path)], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == wanted[1]

@@ -1,4 +1,4 @@
-"""The command line: ``doctor`` (which model files are found), ``animate``, ``prepare-data``, ``tiny-models`` and ``demo``."""
+"""The command line: ``doctor``, ``animate``, ``prepare-data``, ``evaluate``, ``tiny-models`` and ``demo``."""
 
 from __future__ import annotations
 

@@ -371,7 +371,7 @@ class _CroppedFrames(Dataset):
 
 
 class PairDataset(_CroppedFrames):
-    """Stage 1 (TCAN section 3.1): item ``n`` -> reference frame, target frame and the target's pose image.
+    """Stage 1 of TCAN's training (paper section 3): item ``n`` -> reference frame, target frame, target's pose image.
 
     Returns ``reference`` [3,H,W] and ``target`` [1,3,H,W] in -1..1, ``poses`` [1,3,H,W] in 0..1,
     ``clip`` (its name) and ``frames`` (reference index, target index).
@@ -410,7 +410,7 @@ class PairDataset(_CroppedFrames):
 
 
 class ClipDataset(_CroppedFrames):
-    """Stage 2 (TCAN section 3.2): item ``n`` -> ``frames`` consecutive frames with their poses, and the first frame.
+    """Stage 2 of TCAN's training (paper section 3): item ``n`` -> ``frames`` consecutive frames, poses, first frame.
 
     Returns ``reference`` [3,H,W] (the video's first frame) and ``target`` [F,3,H,W] in -1..1,
     ``poses`` [F,3,H,W] in 0..1, ``clip`` (its name) and ``frames`` (start, stop).

@@ -380,15 +380,12 @@ def _optimizer(params: list[torch.nn.Parameter], options: TrainOptions) -> torch
     return torch.optim.AdamW(params, foreach=True, **kwargs)
 
 
-def _center_fit(images: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """[N,3,H,W] -> [N,3,height,width]: the largest centred crop of the target aspect, resized (bilinear)."""
-    import torchvision.transforms.functional as TF
-
-    h, w = images.shape[-2:]
-    scale = min(w / width, h / height)
+def _center_crop(size: tuple[int, int], width: int, height: int) -> tuple[int, int, int, int]:
+    """(top, left, h, w): the largest centred box of ``width``/``height``'s aspect in a frame of ``size`` (H, W)."""
+    frame_h, frame_w = size
+    scale = min(frame_w / width, frame_h / height)
     crop_w, crop_h = round(width * scale), round(height * scale)
-    return TF.resized_crop(images, (h - crop_h) // 2, (w - crop_w) // 2, crop_h, crop_w, [height, width],
-                           antialias=True)
+    return (frame_h - crop_h) // 2, (frame_w - crop_w) // 2, crop_h, crop_w
 
 
 class Trainer:
@@ -584,15 +581,17 @@ class Trainer:
         from ..animation.sampler import SamplerSettings, sample_animation
         from ..animation.vae import DiffusersVAE
         from ..video_io import write_frames
-        from .data import read_frames
+        from .data import frame_size, read_frames
 
         acc, options = self.accelerator, self.options
         path = None
         if acc.is_main_process:
             clip = self.clips.clips[0]
             count = min(options.validation_frames, len(clip.images))
-            images = _center_fit(read_frames(clip.images[:count]), options.width, options.height)
-            poses = _center_fit(read_frames(clip.poses[:count]), options.width, options.height)
+            size = frame_size(clip.images[0])
+            crop, out = _center_crop(size, options.width, options.height), (options.height, options.width)
+            images = read_frames(clip.images[:count], size, crop, out)
+            poses = read_frames(clip.poses[:count], size, crop, out)
             reference = images[:1].movedim(1, -1)
             context_length = min(count, 16 if self.unwrapped.motion is None else
                                  int(self.unwrapped.motion.config.get("motion_max_seq_length", 32)))

@@ -388,23 +388,6 @@ def _center_crop(size: tuple[int, int], width: int, height: int) -> tuple[int, i
     return (frame_h - crop_h) // 2, (frame_w - crop_w) // 2, crop_h, crop_w
 
 
-def _check_launch(accelerator) -> None:
-    """Refuse launches this trainer would get wrong: processes that do not see each other, and FSDP."""
-    import os
-
-    from accelerate.utils import DistributedType
-
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > accelerator.num_processes:
-        raise RuntimeError(f"the launcher started {launched} processes but accelerate joined {accelerator.num_processes}: "
-                           "each would train alone and write the same files. On machines without a GPU set "
-                           "ACCELERATE_USE_CPU=1 (or use `accelerate launch --cpu`) so they join over gloo")
-    if accelerator.distributed_type == DistributedType.FSDP:
-        raise RuntimeError("FSDP is not supported by the TCAN trainer yet (its checkpoints, validation and weight files "
-                           "read the full parameters of one process); launch with DDP (accelerate's default) and cut "
-                           f"memory with {MEMORY_ADVICE}")
-
-
 class Trainer:
     """One training run: set up by :meth:`__init__`, run by :meth:`run` (see the module docstring)."""
 
@@ -422,7 +405,6 @@ class Trainer:
         self.accelerator = Accelerator(mixed_precision=options.mixed_precision, kwargs_handlers=[
             DistributedDataParallelKwargs(find_unused_parameters=unused)])
         acc = self.accelerator
-        _check_launch(acc)
         self.out = Path(options.out)
         if acc.is_main_process:
             _check_out(options)

@@ -438,7 +438,13 @@ class Trainer:
                              "run in another --out")
 
     def _build_model(self) -> None:
+        from accelerate.utils import DistributedType
+
         options, acc = self.options, self.accelerator
+        if acc.distributed_type == DistributedType.FSDP:
+            raise RuntimeError("FSDP is not supported by the TCAN trainer yet (its checkpoints, validation and weight "
+                               "files read the full parameters in one process); launch with DDP (accelerate's "
+                               f"default) and cut memory with {MEMORY_ADVICE}")
         device = acc.device
         weight_dtype = MIXED_PRECISION[options.mixed_precision]
         frozen_dtype = weight_dtype if options.half_frozen else torch.float32

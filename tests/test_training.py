@@ -339,3 +339,47 @@ def test_a_failed_weights_write_leaves_no_file_under_the_final_name(tmp_path, mo
     with pytest.raises(OSError, match="disk full"):
         save_safetensors(tmp_path / "appa_lora.safetensors", {"a": torch.zeros(2)})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_train_command(tree, data, tmp_path, capsys):
+    from tcan_core.cli import main
+
+    files = tree.files
+    argv = ["train", "--stage", "1", "--data", str(data), "--base", str(files["sd15_safetensors"]),
+            "--controlnet", str(files["controlnet_ldm"]), "--out", str(tmp_path / "run"), "--width", "64",
+            "--height", "64", "--steps", "1", "--num-workers", "0", "--validate-every", "0", "--no-progress"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "appearance_unet.safetensors" in out and "stage 1: 1 steps, last loss" in out
+    assert main(argv) == 2
+    assert "pass --resume to continue it" in capsys.readouterr().err
+    assert main(argv[:-1] + ["--width", "100"]) == 2
+    assert "multiple of 8" in capsys.readouterr().err
+
+
+def test_bf16_mixed_precision_keeps_trained_weights_in_float32(tree, data, tmp_path):
+    """Autocast in bfloat16 with the frozen models in bfloat16 and the trained ones in float32 (stage 2:
+    the motion module's hooks run in a bfloat16 UNet); a non-square size at the same time."""
+    trainer = Trainer(options(tree, data, tmp_path / "run", stage=2, steps=1, mixed_precision="bf16", width=96,
+                              height=64), progress=False)
+    model = trainer.unwrapped
+    assert next(model.unet.parameters()).dtype == torch.bfloat16
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    run = trainer.run()
+    assert np.isfinite(run.losses).all() and sorted(run.files) == ["motion_module.safetensors",
+                                                                    "temporal_controlnet.safetensors"]
+
+
+def test_8bit_adam_without_bitsandbytes_says_how_to_install(tree, data, tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_bitsandbytes(name, *args, **kwargs):
+        if name == "bitsandbytes":
+            raise ImportError("No module named 'bitsandbytes'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_bitsandbytes)
+    with pytest.raises(ImportError, match="pip install bitsandbytes"):
+        Trainer(options(tree, data, tmp_path / "run", steps=1, use_8bit_adam=True), progress=False)

@@ -394,6 +394,7 @@ class Trainer:
     def __init__(self, options: TrainOptions, progress: bool = True,
                  on_step: Callable[[int, float], None] | None = None) -> None:
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
         from accelerate.utils import DistributedDataParallelKwargs
 
         options.check()
@@ -401,6 +402,9 @@ class Trainer:
         self.progress = progress
         self.on_step = on_step
         unused = options.stage == 1 and not options.lora_only and options.reference_drop > 0
+        # accelerate keeps one state per process; a second run in the same process (a notebook, the tests) may
+        # ask for another precision, so the mixed-precision state is reset (the process group is kept).
+        AcceleratorState._reset_state(reset_partial_state=False)
         # In stage 1 a micro-batch whose samples all drop the reference gives the appearance UNet no gradient.
         self.accelerator = Accelerator(mixed_precision=options.mixed_precision, kwargs_handlers=[
             DistributedDataParallelKwargs(find_unused_parameters=unused)])

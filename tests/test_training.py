@@ -383,3 +383,53 @@ def test_8bit_adam_without_bitsandbytes_says_how_to_install(tree, data, tmp_path
     monkeypatch.setattr(builtins, "__import__", no_bitsandbytes)
     with pytest.raises(ImportError, match="pip install bitsandbytes"):
         Trainer(options(tree, data, tmp_path / "run", steps=1, use_8bit_adam=True), progress=False)
+
+
+# A standing figure's 18 OpenPose body points around its centre (x, y in pixels), for synthetic keypoints.
+FIGURE = np.array([[0, -14], [0, -10], [-4, -10], [-6, -5], [-7, 0], [4, -10], [6, -5], [7, 0], [-3, 0], [-3, 6],
+                   [-3, 12], [3, 0], [3, 6], [3, 12], [-1, -15], [1, -15], [-2, -14], [2, -14]], np.float32)
+
+
+def write_prepared(root: Path, videos: int = 2, frames: int = 20) -> Path:
+    """The layout prepare-data writes (manifest.json, clips/<name>/images, dwpose, poses.json) for the moving
+    blocks of :func:`write_videos`, with body keypoints that follow each block."""
+    from tcan_core.pose.pose_json import save_pose_json
+    from tcan_core.pose_format import PoseSequence, to_pose_keypoint
+
+    source = write_videos(root / "source", videos, frames)
+    names = []
+    for v in range(videos):
+        name = f"video{v}"
+        shutil.copytree(source / "train" / name, root / "data" / "clips" / name)
+        sequence = PoseSequence.empty(frames, 1, SIZE, SIZE)
+        sequence.people[:] = 1
+        for f in range(frames):
+            x, y = 8 + (2 * f + 7 * v) % (SIZE - 24) + 6, 16 + 6 * v + 8
+            sequence.body[f, 0, :, :2] = FIGURE * 0.8 + (x, y)
+            sequence.body[f, 0, :, 2] = 1.0
+        save_pose_json(to_pose_keypoint(sequence), root / "data" / "clips" / name / "poses.json")
+        names.append({"name": name})
+    (root / "data" / "manifest.json").write_text(json.dumps({"version": 1, "clips": names, "skipped": []}))
+    return root / "data"
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_tpc_in_training_calibrates_each_item_and_trains(tree, tmp_path, stage):
+    prepared = write_prepared(tmp_path)
+    trainer = Trainer(options(tree, prepared, tmp_path / "run", stage=stage, steps=2, tpc=True), progress=False)
+    loaded = __import__("tcan_core.training.trainer", fromlist=["_collate"])._collate([(0, trainer.dataset[0])])
+    batch = trainer._batch(loaded)
+    used, local, query, key = batch.calibrated
+    frames = 1 if stage == 1 else 4
+    assert local.shape == (frames,) and query.shape == (frames, SIZE // 8, SIZE // 8)
+    assert batch.calibrated_latents.shape == (used.numel(), 4, SIZE // 8, SIZE // 8) and key.shape[0] == used.numel()
+    assert 0 < float(query.mean()) < 1 and float(key.max()) > 0
+    run = trainer.run()
+    assert run.step == 2 and np.isfinite(run.losses).all()
+
+
+def test_tpc_needs_keypoints_and_batch_1(tree, data, tmp_path):
+    with pytest.raises(ValueError, match="--tpc needs each clip's pose keypoints"):
+        Trainer(options(tree, data, tmp_path / "run", steps=1, tpc=True), progress=False)
+    with pytest.raises(ValueError, match="--tpc calibrates the reference for one clip at a time"):
+        options(tree, data, tmp_path / "run", steps=1, tpc=True, batch_size=2).check()

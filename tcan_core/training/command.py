@@ -26,7 +26,7 @@ def _train(args: argparse.Namespace) -> int:
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha if args.lora_alpha is not None else float(args.lora_rank),
         reference_drop=args.reference_drop, mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing, use_8bit_adam=args.use_8bit_adam,
-        half_frozen=not args.fp32_frozen, ptm_tau=args.ptm_tau, checkpoint_every=args.checkpoint_every,
+        half_frozen=not args.fp32_frozen, ptm_tau=args.ptm_tau, tpc=args.tpc, checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep_checkpoints, validate_every=args.validate_every,
         validation_steps=args.validation_steps, validation_frames=args.validation_frames, seed=args.seed,
         num_workers=args.num_workers, resume=args.resume, overwrite=args.overwrite, save_dtype=args.save_dtype)
@@ -86,6 +86,9 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass")
     p.add_argument("--use-8bit-adam", action="store_true", help="bitsandbytes' 8-bit AdamW (CUDA; pip install bitsandbytes)")
     p.add_argument("--ptm-tau", type=float, default=0.0, help="stage 2: PTM tau during training (0: off, as the authors)")
+    p.add_argument("--tpc", action="store_true",
+                   help="TPC's calibrated references in reference attention during training (off, as the authors "
+                        "train; needs prepare-data's poses.json and --batch-size 1)")
     p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (0: only at the end)")
     p.add_argument("--keep-checkpoints", type=int, default=3, help="newest checkpoints to keep (3)")
     p.add_argument("--validate-every", type=int, default=500,

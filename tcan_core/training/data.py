@@ -358,7 +358,8 @@ class _CroppedFrames(Dataset):
                         "train at about the videos' aspect ratio", size[1], size[0], aspect, self.scale[0] * 100,
                         self.width / self.height, self.width, self.height)
 
-    def load(self, images: Sequence[Path], poses: Sequence[Path], generator: torch.Generator) -> torch.Tensor:
+    def load(self, images: Sequence[Path], poses: Sequence[Path],
+             generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         """``images`` then ``poses`` with one random resized crop for all: float32 [N,3,H,W] in 0..1.
 
         The crop is drawn for the size of the first image; every other file is brought to that size first.
@@ -367,14 +368,15 @@ class _CroppedFrames(Dataset):
         self._check_aspect(size)
         seed = int(torch.randint(2**62, (1,), generator=generator))
         crop = crop_params(size[0], size[1], self.scale, self.ratio, seed)
-        return read_frames([*images, *poses], size, crop, (self.height, self.width))
+        return read_frames([*images, *poses], size, crop, (self.height, self.width)), {"size": size, "crop": crop}
 
 
 class PairDataset(_CroppedFrames):
     """Stage 1 of TCAN's training (paper section 3): item ``n`` -> reference frame, target frame, target's pose image.
 
     Returns ``reference`` [3,H,W] and ``target`` [1,3,H,W] in -1..1, ``poses`` [1,3,H,W] in 0..1,
-    ``clip`` (its name) and ``frames`` (reference index, target index).
+    ``clip`` (its name), ``frames`` (reference index, target index), and ``size`` (H, W) and ``crop``
+    (top, left, h, w) of the source frames (for keypoints, e.g. TPC in training).
     """
 
     def __init__(self, clips: Sequence[Clip], width: int = 512, height: int = 512, margin: int = DEFAULT_MARGIN,
@@ -404,16 +406,16 @@ class PairDataset(_CroppedFrames):
         clip = self.clip_of(n)
         generator = self.generator(n)
         ref, target = self.pair(len(clip), generator)
-        out = self.load([clip.images[ref], clip.images[target]], [clip.poses[target]], generator)
+        out, where = self.load([clip.images[ref], clip.images[target]], [clip.poses[target]], generator)
         return {"reference": out[0].mul(2).sub_(1), "target": out[1:2].mul(2).sub_(1), "poses": out[2:3].contiguous(),
-                "clip": clip.name, "frames": (ref, target)}
+                "clip": clip.name, "frames": (ref, target), **where}
 
 
 class ClipDataset(_CroppedFrames):
     """Stage 2 of TCAN's training (paper section 3): item ``n`` -> ``frames`` consecutive frames, poses, first frame.
 
     Returns ``reference`` [3,H,W] (the video's first frame) and ``target`` [F,3,H,W] in -1..1,
-    ``poses`` [F,3,H,W] in 0..1, ``clip`` (its name) and ``frames`` (start, stop).
+    ``poses`` [F,3,H,W] in 0..1, ``clip`` (its name), ``frames`` (start, stop), ``size`` and ``crop`` (as stage 1).
     """
 
     def __init__(self, clips: Sequence[Clip], width: int = 512, height: int = 512, frames: int = DEFAULT_FRAMES,
@@ -436,7 +438,7 @@ class ClipDataset(_CroppedFrames):
         generator = self.generator(n)
         start = int(torch.randint(len(clip) - self.frames + 1, (1,), generator=generator))
         stop = start + self.frames
-        out = self.load([clip.images[0], *clip.images[start:stop]], clip.poses[start:stop], generator)
+        out, where = self.load([clip.images[0], *clip.images[start:stop]], clip.poses[start:stop], generator)
         count = self.frames + 1
         return {"reference": out[0].mul(2).sub_(1), "target": out[1:count].mul(2).sub_(1),
-                "poses": out[count:].contiguous(), "clip": clip.name, "frames": (start, stop)}
+                "poses": out[count:].contiguous(), "clip": clip.name, "frames": (start, stop), **where}

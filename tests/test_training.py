@@ -205,23 +205,48 @@ def test_validation_clip_and_contact_sheet(tree, data, tmp_path):
     assert Image.open(sheet).size == (8 * SIZE, 3 * SIZE)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(tree, data, tmp_path):
-    """Stage 1 with every UNet checkpointed: the appearance UNet is recomputed during backward, so its
+@pytest.mark.parametrize("stage", [1, 2])
+def test_gradient_checkpointing_gives_the_same_gradients(tree, data, tmp_path, stage):
+    """Every UNet and the ControlNet checkpointed, and in stage 2 the temporal layers too (run from hooks, so
+    the pack checkpoints them itself). In stage 1 the appearance UNet is recomputed during backward, so its
     processors must not read the reference then (they only write)."""
+    from tcan_core.training.trainer import _collate
+
     grads = {}
     for checkpointing in (False, True):
-        trainer = Trainer(options(tree, data, tmp_path / str(checkpointing), steps=1,
+        trainer = Trainer(options(tree, data, tmp_path / str(checkpointing), stage=stage, steps=1,
                                   gradient_checkpointing=checkpointing, reference_drop=0.0), progress=False)
-        loaded = next(iter(torch.utils.data.DataLoader(
-            __import__("tcan_core.training.trainer", fromlist=["_Numbered"])._Numbered(trainer.dataset),
-            batch_sampler=[[0]], collate_fn=__import__("tcan_core.training.trainer", fromlist=["_collate"])._collate)))
-        with trainer.unwrapped.installed(trainer.accelerator.device):
+        loaded = _collate([(0, trainer.dataset[0])])
+        with trainer.unwrapped.installed(trainer.accelerator.device, checkpointing):
             trainer.model(trainer._batch(loaded)).backward()
         grads[checkpointing] = {n: p.grad.clone() for n, p in trainer.unwrapped.named_parameters() if p.grad is not None}
-    assert grads[False].keys() == grads[True].keys() and any("appearance." in n for n in grads[True])
-    assert any("lora_B" in n for n in grads[True])
+    assert grads[False].keys() == grads[True].keys()
+    trained = ("appearance.", ".lora_B") if stage == 1 else ("motion.", "temporal.")
+    assert all(any(part in n for n in grads[True]) for part in trained)
     for name in grads[False]:
         torch.testing.assert_close(grads[True][name], grads[False][name], rtol=1e-4, atol=1e-6)
+
+
+def test_motion_checkpointing_keeps_fewer_activations(tree, data, tmp_path):
+    """Stage 2's temporal layers recomputed in backward: fewer bytes saved for backward than without."""
+    from tcan_core.training.trainer import _collate
+
+    saved = {}
+    for checkpointing in (False, True):
+        trainer = Trainer(options(tree, data, tmp_path / str(checkpointing), stage=2, steps=1,
+                                  gradient_checkpointing=checkpointing), progress=False)
+        batch = trainer._batch(_collate([(0, trainer.dataset[0])]))
+        total = [0]
+
+        def pack(tensor):
+            total[0] += tensor.numel() * tensor.element_size()
+            return tensor
+
+        with trainer.unwrapped.installed(trainer.accelerator.device, checkpointing), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            trainer.model(batch)
+        saved[checkpointing] = total[0]
+    assert saved[True] < 0.5 * saved[False], saved
 
 
 def test_stage1_trains_only_the_lora_and_the_read_part_of_the_appearance_unet(tree, data, tmp_path):
@@ -249,6 +274,7 @@ def test_lora_only_fine_tune_writes_only_the_lora(tree, data, tmp_path):
     (dict(mixed_precision="fp8"), ValueError, "--mixed-precision must be one of"),
     (dict(batch_size=0), ValueError, "--batch-size must be a whole number >= 1"),
     (dict(ptm_tau=3.0), ValueError, "--ptm-tau acts on the motion module"),
+    (dict(stage=2, ptm_tau=3.0, gradient_checkpointing=True), ValueError, "do not combine yet"),
 ])
 def test_bad_options_are_named(tree, data, tmp_path, change, error, says):
     values = dict(steps=1)

@@ -38,10 +38,16 @@ log = logging.getLogger(__name__)
 
 
 class MotionState:
-    """Frames per video for the temporal layers of one model call; None skips them (appearance pass)."""
+    """Frames per video for the temporal layers of one model call; None skips them (appearance pass).
 
-    def __init__(self, num_frames: int | None = None) -> None:
+    ``checkpoint`` (training with gradient checkpointing) recomputes each temporal layer in the
+    backward pass instead of keeping its activations: diffusers' own checkpointing does not reach
+    layers run from forward hooks.
+    """
+
+    def __init__(self, num_frames: int | None = None, checkpoint: bool = False) -> None:
         self.num_frames = num_frames
+        self.checkpoint = bool(checkpoint)
 
     @property
     def num_frames(self) -> int | None:
@@ -121,6 +127,10 @@ class _TemporalHook:
 
     def _apply(self, hidden_states: torch.Tensor) -> torch.Tensor:
         frames = frames_per_video(self.state, hidden_states.shape[0], self.limit)
+        if self.state.checkpoint and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(self.motion_module, hidden_states, num_frames=frames, use_reentrant=False)
         return self.motion_module(hidden_states, num_frames=frames)
 
 

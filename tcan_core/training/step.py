@@ -99,11 +99,12 @@ class TrainingModel(torch.nn.Module):
         return model
 
     @contextlib.contextmanager
-    def installed(self, device: torch.device) -> Iterator["TrainingModel"]:
-        """Patches and reference attention on for the ``with`` block (forward and backward); off after it."""
+    def installed(self, device: torch.device, checkpoint: bool = False) -> Iterator["TrainingModel"]:
+        """Patches and reference attention on for the ``with`` block (forward and backward); off after it.
+        ``checkpoint`` recomputes the temporal layers in the backward pass (gradient checkpointing)."""
         from ..animation.reference import ReferenceBank, reference_attention
 
-        run = RunState(device=torch.device(device), motion=MotionState(num_frames=None))
+        run = RunState(device=torch.device(device), motion=MotionState(num_frames=None, checkpoint=checkpoint))
         bank = ReferenceBank()
         with self.tcan_model().patched(run), reference_attention(bank, self.unet, self.appearance):
             self._session = (run, bank)

@@ -171,6 +171,10 @@ class TrainOptions:
         if self.tpc and self.batch_size != 1:
             raise ValueError("--tpc calibrates the reference for one clip at a time; use --batch-size 1 (with "
                              "--grad-accum for a larger effective batch)")
+        if self.ptm_tau > 0 and self.gradient_checkpointing:
+            raise ValueError("--ptm-tau and --gradient-checkpointing do not combine yet: the temperature map is set "
+                             "per window and is gone when the backward pass recomputes the temporal layers; train "
+                             "without PTM (as the authors do) or without checkpointing")
         if self.ptm_tau > 0 and self.batch_size != 1:
             raise ValueError("--ptm-tau computes one temperature map per clip; use --batch-size 1 (with --grad-accum "
                              "for a larger effective batch)")
@@ -596,7 +600,7 @@ class Trainer:
     def _step(self, micro_batches: list[dict[str, Any]]) -> float:
         acc, options = self.accelerator, self.options
         total = 0.0
-        with acc.autocast(), self.unwrapped.installed(acc.device):
+        with acc.autocast(), self.unwrapped.installed(acc.device, options.gradient_checkpointing):
             for index, loaded in enumerate(micro_batches):
                 batch = self._batch(loaded)
                 last = index == len(micro_batches) - 1

@@ -78,6 +78,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import gc
 import json
 import os
 import statistics
@@ -597,17 +598,14 @@ def memory_markdown(tables: dict, size: int, frames: int) -> str:
             lines.append(f"| {name} | " + " | ".join(f"{row[c] / GIB:.2f}" for c in columns) + " |")
         lines.append("")
     lines.append(
-        "Computed by `python bench/bench_training.py`, not measured: weights, gradients and optimizer state from the "
-        "parameter counts of the full-size SD1.5 UNet, appearance UNet, OpenPose ControlNet, VAE, AnimateDiff v2 "
-        "motion module and temporal ControlNet layers (frozen parts in bf16 or fp32, trained parts in fp32 plus "
-        "autocast's bf16 copy, fp32 gradients, AdamW's two fp32 moments or bitsandbytes' 8-bit ones), and "
-        "activations as the bytes of the tensors saved for backward, counted with "
-        "`torch.autograd.graph.saved_tensors_hooks` on the meta device (with checkpointing: the tensors outside "
-        "the checkpointed blocks, the blocks' inputs and the largest block's recomputed tensors), with attention "
-        "as the fused GPU kernel and autocast's casts. CUDA context, allocator fragmentation, one-operation "
-        "temporaries and activation gradients in flight come on top. The projected row is not what the trainer "
-        "does today: diffusers' checkpointing does not cover the motion modules and temporal ControlNet layers, "
-        "which the pack runs from forward hooks outside the checkpointed blocks.")
+        "Computed by `python bench/bench_training.py`, not measured on a GPU: weights, gradients and optimizer "
+        "state from the parameter counts (frozen parts in bf16, trained parts in fp32 plus autocast's bf16 copy, "
+        "fp32 gradients, AdamW's two fp32 moments or bitsandbytes' 8-bit ones), activations as the bytes of the "
+        "tensors saved for backward, counted on the meta device with `torch.autograd.graph.saved_tensors_hooks` "
+        "(attention as the fused GPU kernel, autocast's casts; with checkpointing, plus the largest recomputed "
+        "block); the CUDA context and allocator overhead come on top. The projected row assumes the motion "
+        "modules and temporal ControlNet layers are checkpointed too, which the trainer does not do yet "
+        "(diffusers' checkpointing does not reach them: the pack runs them from forward hooks).")
     return "\n".join(lines)
 
 
@@ -701,21 +699,19 @@ def print_cpu(steps: int) -> None:
 # --- CUDA ---------------------------------------------------------------------------------------------
 
 
-def cuda_step_case(stage: int, size: int, frames: int, checkpointing: bool, eight_bit: bool,
-                   steps: int) -> dict[str, float]:
-    """Full-size training steps on the GPU through TrainingModel: median seconds per step, peak bytes allocated."""
-    device = torch.device("cuda")
+def device_step_case(stage: int, size: int, frames: int, checkpointing: bool, eight_bit: bool, steps: int,
+                     device: torch.device | str = "cuda", tiny: bool = False) -> dict[str, float]:
+    """Training steps through TrainingModel with random weights (full size unless ``tiny``) -> median seconds
+    per step and, on CUDA, peak bytes allocated (0 elsewhere; the CPU run only checks this path)."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
     frames = 1 if stage == 1 else frames
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    parts = stage_modules(stage, "meta")
+    # Built on the device with diffusers' own initialisation (buffers such as the motion module's
+    # positional encoding included), then cast as the trainer casts: frozen bf16, trained fp32.
+    parts = stage_modules(stage, device, tiny)
     model = training_model(parts)
-    # Random weights straight on the GPU: materialise the meta modules there, then fill them.
-    model.to_empty(device=device)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.02)
-    model.to(dtype=torch.bfloat16)
+    vae = torch.nn.Module.to(parts["vae"], dtype=torch.bfloat16)
+    torch.nn.Module.to(model, dtype=torch.bfloat16)
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
@@ -723,6 +719,10 @@ def cuda_step_case(stage: int, size: int, frames: int, checkpointing: bool, eigh
         for module in {id(m): m for m in (model.unet, model.appearance, model.controlnet)}.values():
             module.enable_gradient_checkpointing()
     model.train()
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     kwargs = {"lr": 1e-5, "betas": (0.9, 0.999), "weight_decay": 1e-2, "eps": 1e-8}
     if eight_bit:
@@ -744,22 +744,27 @@ def cuda_step_case(stage: int, size: int, frames: int, checkpointing: bool, eigh
                           reference=randn(1, 4, latent, latent),
                           use_reference=torch.ones(1, dtype=torch.bool, device=device), frames=frames)
 
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
     times = []
     for _ in range(steps):
         data = batch()
-        torch.cuda.synchronize(device)
+        sync()
         began = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16), model.installed(device):
+        with torch.autocast(device.type, dtype=torch.bfloat16), model.installed(device):
             loss = model(data)
             loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        torch.cuda.synchronize(device)
+        sync()
         times.append(time.perf_counter() - began)
-    peak = torch.cuda.max_memory_allocated(device)
-    del model, optimizer, parts
-    torch.cuda.empty_cache()
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"training step gave a non-finite loss {float(loss)}")
+    peak = torch.cuda.max_memory_allocated(device) if cuda else 0
+    del model, optimizer, parts, vae
     return {"seconds": statistics.median(times[1:]) if len(times) > 1 else times[0], "peak": peak}
 
 
@@ -779,11 +784,13 @@ def print_cuda(size: int, frames: int, steps: int) -> None:
         for checkpointing in (False, True):
             for eight in eight_bit:
                 try:
-                    found = cuda_step_case(stage, size, frames, checkpointing, eight, steps)
+                    found = device_step_case(stage, size, frames, checkpointing, eight, steps)
                     cells = f"{found['seconds']:.3f} | {found['peak'] / GIB:.2f}"
                 except torch.OutOfMemoryError:
-                    torch.cuda.empty_cache()
                     cells = "out of memory | -"
+                # The failed case's tensors are freed with its frames; give the memory back before the next.
+                gc.collect()
+                torch.cuda.empty_cache()
                 print(f"| {stage} | {'on' if checkpointing else 'off'} | {'AdamW8bit' if eight else 'AdamW'} | "
                       f"{cells} |")
 

@@ -23,7 +23,8 @@ Sections (the default run, on the CPU, takes a few minutes on two cores):
    reference latent, the frozen ControlNet forward, the denoising UNet with the APPA LoRA (peft,
    rank 16 on ``attn1``/``attn2`` ``to_q/to_k/to_v``) forward and backward), stage 2 with one clip
    of ``--frames`` frames (the motion modules and the ControlNet's temporal layers trained,
-   backward through the UNet and the ControlNet). The forward and the backward
+   backward through the UNet and the ControlNet), plus the VAE encoding of the target frames and the
+   reference that the trainer runs at every step (no grad). The forward and the backward
    (``loss.backward()`` inside the counter; autograd runs on meta tensors) are counted separately;
    the forward is split per module by the counter's module tracker, the backward by counting it
    again with one trained part frozen (see :func:`training_flops`). The implied time is the total over 40%
@@ -99,6 +100,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_memory import PeakMeter  # noqa: E402
+from bench_flops import flops  # noqa: E402
 from bench_sampler import full_size_modules, walking_poses  # noqa: E402
 
 from tcan_core.animation.controlnet_t import TCAN_BLOCKS, TemporalLayers  # noqa: E402
@@ -122,6 +124,7 @@ UTILISATION = 0.40
 # 32-bit states for tensors with fewer than min_8bit_size = 4096 values.
 BNB_BLOCK = 256
 BNB_MIN_8BIT = 4096
+VAE_ROW = "VAE encode of the targets and the reference (no grad)"
 CPU_SIZE = 64
 CPU_FRAMES = 16
 
@@ -232,7 +235,7 @@ def meta_loss(model: TrainingModel, run: RunState, bank: ReferenceBank, size: in
 
 
 class _Named(torch.nn.Module):
-    """Names the stage's modules for the FLOP counter's module tracker: ``step.unet``, ``step.motion``, ..."""
+    """Names the stage's modules for the FLOP counter's module tracker: ``_Named.unet``, ``_Named.motion``, ..."""
 
     def __init__(self, model: TrainingModel) -> None:
         super().__init__()
@@ -288,7 +291,8 @@ def training_flops(stage: int, size: int, frames: int, tiny: bool = False) -> di
     step = count(True).get_total_flops()
     for p in trained:
         p.requires_grad_(False)
-    without_split = count(True).get_total_flops() - count(False).get_total_flops()
+    # The forward does the same work whatever trains, so the step minus the forward is the backward.
+    without_split = count(True).get_total_flops() - forward.get_total_flops()
     for p in trained:
         p.requires_grad_(True)
 
@@ -313,6 +317,12 @@ def training_flops(stage: int, size: int, frames: int, tiny: bool = False) -> di
     if sum(v for k, v in fwd.items() if k in ("appearance UNet", "ControlNet", "UNet", "ControlNet temporal layers",
                                                "UNet motion modules")) != fwd["total"]:
         raise RuntimeError(f"the forward parts do not add up to the total: {fwd}")
+    # The trainer encodes the target frames and the reference with the VAE at every step (no grad).
+    with torch.no_grad():
+        vae = flops(lambda: parts["vae"].encode(torch.empty(frames + 1, 3, size, size, device="meta")))
+    fwd[VAE_ROW], bwd[VAE_ROW] = vae, 0
+    fwd["total"] = fwd.pop("total") + vae
+    bwd["total"] = bwd.pop("total")
     return {"forward": fwd, "backward": bwd}
 
 
@@ -335,11 +345,13 @@ def print_flops(size: int, frames: int) -> dict[int, int]:
             else:
                 print(f"| {part} | {fwd / TERA:.3f} | {bwd / TERA:.3f} | {(fwd + bwd) / TERA:.3f} |")
         total = counts["forward"]["total"] + counts["backward"]["total"]
+        vae = counts["forward"][VAE_ROW]
         totals[stage] = total
-        print(f"\nbackward / forward = {counts['backward']['total'] / counts['forward']['total']:.2f}; "
+        model_forward = counts["forward"]["total"] - vae
+        print(f"\nbackward / forward of the networks (VAE left out) = {counts['backward']['total'] / model_forward:.2f}; "
               f"{total / TERA:.2f} TFLOP per step -> {total / rate * 1000:.0f} ms per step on an H100 at "
-              f"{UTILISATION:.0%} of {H100_BF16_DENSE / TERA:.0f} TFLOP/s dense BF16 "
-              f"({rate / TERA:.0f} TFLOP/s), {rate / total:.2f} steps/s")
+              f"{UTILISATION:.0%} of {H100_BF16_DENSE / TERA:.0f} TFLOP/s dense BF16 ({rate / TERA:.0f} TFLOP/s), "
+              f"{rate / total:.2f} steps/s; without the VAE encoding {(total - vae) / rate * 1000:.0f} ms")
     return totals
 
 

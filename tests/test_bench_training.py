@@ -26,6 +26,10 @@ def test_stage1_flops_count_the_backward_of_what_trains():
     assert 1.5 < backward["appearance UNet"] / forward["appearance UNet"] <= 2.05
     assert 0.6 < backward["UNet"] / forward["UNet"] < 1.3
     assert backward["total"] == backward["appearance UNet"] + backward["UNet"]
+    # The VAE encodes the target and the reference at every step, without gradients.
+    vae = forward[bench_training.VAE_ROW]
+    assert vae > 0 and backward[bench_training.VAE_ROW] == 0
+    assert forward["total"] == forward["appearance UNet"] + forward["ControlNet"] + forward["UNet"] + vae
 
 
 def test_checkpointing_and_8bit_adam_reduce_the_computed_memory():

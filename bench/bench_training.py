@@ -809,8 +809,8 @@ def print_cuda(size: int, frames: int, steps: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--frames", type=int, default=16)
+    parser.add_argument("--size", type=int, default=512, help="pixels of the full-size counts (multiple of 64)")
+    parser.add_argument("--frames", type=int, default=16, help="frames per stage-2 clip")
     parser.add_argument("--steps", type=int, default=6, help="training steps per case (the first is a warm-up)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--skip-cpu", action="store_true", help="leave out the tiny-model CPU steps")
@@ -820,6 +820,15 @@ def main() -> None:
     if args.worker:
         print(json.dumps(cpu_worker(json.loads(args.worker))))
         return
+    if args.size < 64 or args.size % 64:
+        parser.error(f"--size must be a multiple of 64 (the UNet halves the 1/8 latent three times), got {args.size}")
+    if args.steps < 2:
+        parser.error(f"--steps must be at least 2 (the first step is a warm-up), got {args.steps}")
+    if not 1 <= args.frames <= 32:
+        parser.error(f"--frames must be 1..32 (AnimateDiff v2's positional encoding), got {args.frames}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda needs a CUDA GPU, and torch sees none; run without --device for the CPU "
+                     "and meta-device sections")
     if args.device == "cuda":
         print_cuda(args.size, args.frames, args.steps)
         return

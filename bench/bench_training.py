@@ -52,9 +52,8 @@ Sections (the default run, on the CPU, takes a few minutes on two cores):
    the gradients of activations in flight during the backward, the VAE encoding of the batch
    (under ``no_grad``, before the forward) and the CUDA context and allocator fragmentation.
    The motion modules and the temporal ControlNet layers run from forward hooks on the attention
-   modules, outside the blocks diffusers checkpoints, so checkpointing leaves their activations;
-   stage 2 gets one more, projected row: the same with those layers checkpointed too (their
-   inputs kept, one layer recomputed at a time), which the trainer does not do today.
+   modules, outside the blocks diffusers checkpoints, so the trainer checkpoints them itself
+   (``MotionState.checkpoint``): their inputs are kept and one layer is recomputed at a time.
 
 Both meta sections cannot call :meth:`TrainingModel.forward` as it is: it copies the pose images to
 the CPU for the hooks and hands the reference bank per-row flags that the bank checks on the CPU,
@@ -199,10 +198,11 @@ class _OneVideoBank(ReferenceBank):
 
 
 @contextlib.contextmanager
-def installed_on_meta(model: TrainingModel) -> Any:
-    """``TrainingModel.installed`` with the one-video bank: the model's patches and reference attention."""
+def installed_on_meta(model: TrainingModel, checkpoint: bool = False) -> Any:
+    """``TrainingModel.installed`` with the one-video bank: the model's patches and reference attention
+    (``checkpoint``: the temporal layers recomputed in backward, as with ``--gradient-checkpointing``)."""
     device = torch.device("meta")
-    run = RunState(device=device, motion=MotionState(num_frames=None))
+    run = RunState(device=device, motion=MotionState(num_frames=None, checkpoint=checkpoint))
     bank = _OneVideoBank()
     with model.tcan_model().patched(run), reference_attention(bank, model.unet, model.appearance):
         try:
@@ -516,7 +516,7 @@ def activation_bytes(stage: int, size: int, frames: int, dtype: torch.dtype, tin
         for module in {id(m): m for m in (model.unet, model.appearance, model.controlnet)}.values():
             module.enable_gradient_checkpointing(recorder)
         model.train()
-        with (installed_on_meta(model) as (run, bank), gpu_like_kernels(dtype == torch.bfloat16),
+        with (installed_on_meta(model, checkpoint) as (run, bank), gpu_like_kernels(dtype == torch.bfloat16),
               label_temporal_layers(model, saved) as temporal, saved):
             loss = meta_loss(model, run, bank, size, frames)
         if recorder.calls == 0:
@@ -530,16 +530,10 @@ def activation_bytes(stage: int, size: int, frames: int, dtype: torch.dtype, tin
         else:
             # Non-reentrant checkpointing saves each block's inputs through the hooks in force
             # outside the block, so they are in ``saved.total``.
+            # The temporal layers (run from hooks) are checkpointed by the trainer itself; one block or one
+            # temporal layer is recomputed at a time during the backward.
             found["outside blocks"] = saved.total
-            found["checkpointed"] = saved.total + found["largest block"]
-            # The motion modules and temporal ControlNet layers run from forward hooks on the UNet's and
-            # ControlNet's attention modules, which diffusers does not checkpoint (it checkpoints the
-            # transformer blocks inside them): what checkpointing them too would leave (their inputs
-            # kept, an upper bound, and one layer recomputed at a time).
-            outside = sum(layers)
-            found["temporal layers outside blocks"] = outside
-            found["checkpointed, temporal layers too"] = (saved.total - outside + temporal["inputs"] + max(
-                found["largest block"], found["largest temporal layer"]))
+            found["checkpointed"] = saved.total + max(found["largest block"], found["largest temporal layer"])
         del loss
     return found
 
@@ -583,9 +577,6 @@ def memory_tables(size: int, frames: int) -> dict[int, list[tuple[str, dict[str,
                     ("bf16 + gradient checkpointing, AdamW", 2 * frozen, 6 * trained, adam, bf16["checkpointed"]),
                     ("bf16 + gradient checkpointing + 8-bit AdamW", 2 * frozen, 6 * trained, eight_bit,
                      bf16["checkpointed"])]
-        if bf16["temporal layers outside blocks"]:
-            variants.append(("projected: the same with the temporal layers checkpointed too", 2 * frozen,
-                             6 * trained, eight_bit, bf16["checkpointed, temporal layers too"]))
         rows = []
         for name, frozen_b, trained_b, optimizer, activations in variants:
             row = {"weights frozen": frozen_b, "weights trained": trained_b, "gradients": 4 * trained,
@@ -615,9 +606,7 @@ def memory_markdown(tables: dict, size: int, frames: int) -> str:
         "fp32 gradients, AdamW's two fp32 moments or bitsandbytes' 8-bit ones), activations as the bytes of the "
         "tensors saved for backward, counted on the meta device with `torch.autograd.graph.saved_tensors_hooks` "
         "(attention as the fused GPU kernel, autocast's casts; with checkpointing, plus the largest recomputed "
-        "block); the CUDA context and allocator overhead come on top. The projected row assumes the motion "
-        "modules and temporal ControlNet layers are checkpointed too, which the trainer does not do yet "
-        "(diffusers' checkpointing does not reach them: the pack runs them from forward hooks).")
+        "block or temporal layer); the CUDA context and allocator overhead come on top.")
     return "\n".join(lines)
 
 
@@ -841,10 +830,9 @@ def main() -> None:
     print(text)
     for stage, (_, fp32, bf16, _) in tables.items():
         print(f"\nstage {stage} activations (MiB): fp32 {fp32['plain'] / MIB:.0f}; bf16 {bf16['plain'] / MIB:.0f}, "
-              f"checkpointed {bf16['checkpointed'] / MIB:.0f} = saved outside the blocks (their inputs included) "
-              f"{bf16['outside blocks'] / MIB:.0f} + largest block {bf16['largest block'] / MIB:.0f}; temporal "
-              f"layers outside the blocks {bf16['temporal layers outside blocks'] / MIB:.0f}, projected with them "
-              f"checkpointed {bf16['checkpointed, temporal layers too'] / MIB:.0f}")
+              f"checkpointed {bf16['checkpointed'] / MIB:.0f} = saved outside the checkpointed blocks and temporal "
+              f"layers (their inputs included) {bf16['outside blocks'] / MIB:.0f} + the largest recomputed one "
+              f"{max(bf16['largest block'], bf16['largest temporal layer']) / MIB:.0f}")
     if args.markdown:
         args.markdown.write_text(text + "\n")
 

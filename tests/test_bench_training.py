@@ -36,6 +36,9 @@ def test_checkpointing_and_8bit_adam_reduce_the_computed_memory():
     found = bench_training.activation_bytes(1, 64, 1, torch.bfloat16, tiny=True)
     assert 0 < found["checkpointed"] < found["plain"]
     assert found["largest block"] < found["plain"]
+    video = bench_training.activation_bytes(2, 64, 4, torch.bfloat16, tiny=True)
+    # Stage 2's temporal layers (run from hooks) are checkpointed by the trainer too.
+    assert 0 < video["checkpointed"] < 0.5 * video["plain"] and video["largest temporal layer"] > 0
     sizes = [10, 5000, 1_000_000]
     assert bench_training.adam8bit_bytes(sizes) < 8 * sum(sizes)
     # Tensors under 4096 values keep 32-bit states in bitsandbytes.

@@ -38,6 +38,7 @@ import csv
 import json
 import logging
 import math
+import os
 import shutil
 import signal
 import threading
@@ -390,6 +391,15 @@ def _center_fit(images: torch.Tensor, width: int, height: int) -> torch.Tensor:
                            antialias=True)
 
 
+def _launched_processes() -> int:
+    """How many processes the launcher (torchrun, accelerate launch, mpirun) started, read from its environment."""
+    for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 1
+
+
 class Trainer:
     """One training run: set up by :meth:`__init__`, run by :meth:`run` (see the module docstring)."""
 
@@ -404,9 +414,18 @@ class Trainer:
         self.on_step = on_step
         unused = options.stage == 1 and not options.lora_only and options.reference_drop > 0
         # In stage 1 a micro-batch whose samples all drop the reference gives the appearance UNet no gradient.
-        self.accelerator = Accelerator(mixed_precision=options.mixed_precision, kwargs_handlers=[
+        launched = _launched_processes()
+        # Without a GPU accelerate joins the processes (gloo, MULTI_CPU) only when told to use the CPU; else a
+        # torchrun or `accelerate launch --multi_gpu` start gives N independent runs writing the same files.
+        cpu = launched > 1 and not torch.accelerator.is_available()
+        self.accelerator = Accelerator(mixed_precision=options.mixed_precision, cpu=cpu, kwargs_handlers=[
             DistributedDataParallelKwargs(find_unused_parameters=unused)])
         acc = self.accelerator
+        if launched > 1 and acc.num_processes != launched:
+            raise RuntimeError(f"the launcher started {launched} processes but accelerate joined {acc.num_processes} "
+                               f"({acc.distributed_type}); each would train alone and overwrite the others' files. "
+                               "Launch with `accelerate launch --multi_gpu` or torchrun on GPUs, or set "
+                               "ACCELERATE_USE_CPU=1 to train on the CPU")
         self.out = Path(options.out)
         if acc.is_main_process:
             _check_out(options)

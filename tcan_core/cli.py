@@ -1,4 +1,5 @@
-"""The command line: ``doctor`` (which model files are found), ``animate``, ``prepare-data``, ``tiny-models`` and ``demo``."""
+"""The command line: ``doctor`` (which model files are found), ``animate``, ``prepare-data`` (videos into a
+training set), ``train`` (TCAN's two training stages), ``evaluate``, ``tiny-models`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -137,9 +138,14 @@ def _prepare_data(args: argparse.Namespace) -> int:
             bar.total += frames
             bar.set_description(f"DWPose on {name}")
 
-        report = prepare_data(args.videos, args.out, ModelFolders(args.models).paths("tcan_pose"),
-                              max_side=args.max_side, max_frames=args.max_frames, overwrite=args.overwrite,
-                              device=device, progress=bar.update, on_clip=on_clip, say=say)
+        try:
+            report = prepare_data(args.videos, args.out, ModelFolders(args.models).paths("tcan_pose"),
+                                  max_side=args.max_side, max_frames=args.max_frames, overwrite=args.overwrite,
+                                  device=device, progress=bar.update, on_clip=on_clip, say=say)
+        except KeyboardInterrupt:
+            print(f"interrupted: the clips finished so far are kept in {args.out} (the one being prepared is "
+                  "dropped); run the same command again to continue", file=sys.stderr)
+            return 130
     _say(report.summary())
     if report.clips == 0:
         print(f"error: no clip could be prepared from {args.videos} (see the reasons above); give videos in which "
@@ -220,8 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_demo)
 
     from .metrics.command import add_evaluate_parser
+    from .training.command import add_train_parser
 
     add_evaluate_parser(sub)
+    add_train_parser(sub)
     return parser
 
 

@@ -142,6 +142,17 @@ def test_lower_layers_do_not_import_upper_ones(package, forbidden):
     assert not wrong, f"{package} imports a package above it: " + "; ".join(wrong)
 
 
+# Training sits on top, next to the pipeline: only the command line reaches it.
+TRAINING_USERS = {"tcan_core.training", "tcan_core.cli"}
+
+
+def test_only_the_command_line_imports_training():
+    graph = _graph()
+    wrong = sorted(f"{m} -> {t}" for m, targets in graph.items() if _package_of(m) not in TRAINING_USERS
+                   for t in targets if _package_of(t) == "tcan_core.training")
+    assert not wrong, "tcan_core.training is the top layer; below it: " + "; ".join(wrong)
+
+
 def test_the_checker_finds_a_cycle():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None

@@ -147,7 +147,11 @@ def window_forward(unet: torch.nn.Module, appearance: torch.nn.Module, bank: Any
     calibrated_index = query_masks = key_masks = None
     if window.calibrated is not None:
         used, local, query, key_masks = window.calibrated
-        appearance_pass(appearance, bank, call.motion, "calibrated", window.calibrated_latents[used], t,
+        if t.ndim and bool((t != t.reshape(-1)[0]).any()):
+            raise ValueError("TPC's calibrated references are encoded at the window's timestep, but the rows of this "
+                             "window have different timesteps; give every row of a window the same timestep")
+        appearance_pass(appearance, bank, call.motion, "calibrated", window.calibrated_latents[used],
+                        t if t.ndim == 0 else t.reshape(-1)[:1],
                         window.appearance_context)
         calibrated_index = torch.where(use_reference, local.repeat(halves), torch.full_like(local.repeat(halves), -1))
         query_masks = query.repeat(halves, 1, 1)

@@ -452,7 +452,9 @@ class ReferenceAttnProcessor(ComposedAttnProcessor, Contribution):
         result = attention.multi_head_attention(attn, query[index], keys, values, mask)
         if plan.partial.numel():
             part = plan.partial
-            result[part] = torch.where(plan.query_in[:, :, None], result[part], out[index[part]])
+            # Out of place: the attention saved ``result`` for its backward pass (training).
+            mixed = torch.where(plan.query_in[:, :, None], result[part], out[index[part]])
+            result = result.index_copy(0, part, mixed)
         return result
 
 

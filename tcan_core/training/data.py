@@ -10,14 +10,15 @@ The datasets follow the authors' ``magicanimate/data/dataset.py``:
 
 - stage 1 (:class:`PairDataset`, their ``TikTokImageDataset2``): one item per video; a
   reference frame ``r`` uniform over the clip and a target ``t = (r + k) % L`` with ``k`` uniform
-  in ``[m, L - m - 1]``, ``m = min(margin, L)``; clips shorter than ``2 m`` take ``k`` uniform in
-  ``[1, L - 1]``;
+  in ``[m, L - m - 1]``, ``m = min(margin, L)``; clips of at most ``2 m`` frames take ``k``
+  uniform in ``[1, L - 1]``; one-frame clips are left out (there is no second frame);
 - stage 2 (:class:`ClipDataset`, their ``TikTokVideoDataset``): clips of ``frames`` consecutive
   frames from a uniform start, with the video's first frame as the reference; shorter videos are
   left out;
-- both: one RandomResizedCrop (scale 0.9-1.0, aspect 0.9-1.0 of the target's, bilinear with
-  antialias) drawn per item and applied to the reference, the target frames and their pose images
-  alike; images in -1..1, pose images in 0..1.
+- both: one RandomResizedCrop (torchvision's parameters: area 0.9-1.0 of the frame, aspect
+  0.9-1.0 times the output's) drawn per item and applied to the reference, the target frames and
+  their pose images alike, resized with Pillow's bilinear filter (antialiased when shrinking, as
+  torchvision does on the authors' PIL images); images in -1..1, pose images in 0..1.
 
 Unlike the authors' code (Python's global ``random`` and torch's global RNG), every random choice
 of item ``n`` is a function of ``(seed, n)`` only: the clip is ``randperm(len)[n % len]`` of epoch
@@ -252,26 +253,43 @@ def crop_params(height: int, width: int, scale: Sequence[float], ratio: Sequence
     return int(top), int(left), int(h), int(w)
 
 
-def read_frames(paths: Sequence[Path], size: tuple[int, int] | None = None) -> torch.Tensor:
-    """Image files -> float32 ``[N,3,H,W]`` in 0..1 (RGB); frames of another size are resized to ``size`` (H, W)."""
+def frame_size(path: Path) -> tuple[int, int]:
+    """(height, width) of an image file, read from its header."""
     from PIL import Image, UnidentifiedImageError
-    from torchvision.transforms.functional import InterpolationMode, resize
 
-    out: list[torch.Tensor] = []
+    try:
+        with Image.open(path) as image:
+            return image.height, image.width
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"cannot read the frame {path} ({exc}); replace or remove it, or prepare the clip "
+                         "again with `python -m tcan_core prepare-data`") from exc
+
+
+def read_frames(paths: Sequence[Path], size: tuple[int, int], crop: tuple[int, int, int, int],
+                out: tuple[int, int]) -> torch.Tensor:
+    """Image files -> the ``crop`` (top, left, h, w) of each, resized to ``out`` (H, W): float32 ``[N,3,H,W]`` in 0..1.
+
+    Pillow's bilinear filter widens with the scale factor, so shrinking is antialiased, as in
+    torchvision's ``resized_crop`` on the PIL images of the authors' stage 1. A file that is not
+    ``size`` (H, W) (a pose image drawn at another size) is first resized to it, so the crop
+    lands on the same content in every file.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    top, left, h, w = crop
+    box = (left, top, left + w, top + h)
+    arrays: list[np.ndarray] = []
     for path in paths:
         try:
             with Image.open(path) as image:
-                array = np.array(image.convert("RGB"))
+                frame = image.convert("RGB")
         except (UnidentifiedImageError, OSError) as exc:
             raise ValueError(f"cannot read the frame {path} ({exc}); replace or remove it, or prepare the clip "
                              "again with `python -m tcan_core prepare-data`") from exc
-        frame = torch.from_numpy(array).permute(2, 0, 1)
-        if size is None:
-            size = (int(frame.shape[1]), int(frame.shape[2]))
-        elif tuple(frame.shape[1:]) != tuple(size):
-            frame = resize(frame, list(size), InterpolationMode.BILINEAR, antialias=True)
-        out.append(frame)
-    return torch.stack(out).float().div_(255.0)
+        if frame.size != (size[1], size[0]):
+            frame = frame.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+        arrays.append(np.asarray(frame.resize((out[1], out[0]), Image.Resampling.BILINEAR, box=box)))
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
 
 
 class _CroppedFrames(Dataset):
@@ -295,6 +313,7 @@ class _CroppedFrames(Dataset):
         self.clips: list[Clip] = []
         self.skipped: list[tuple[str, str]] = []
         self._epoch: tuple[int, torch.Tensor] | None = None
+        self._warned: set[tuple[int, int]] = set()
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -323,22 +342,41 @@ class _CroppedFrames(Dataset):
         """The generator of every other random choice of item ``n``: seeded with ``mix_seed("sample", seed, n)``."""
         return torch.Generator().manual_seed(mix_seed("sample", self.seed, int(n)))
 
-    def crop(self, frames: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """One random resized crop of ``frames`` [N,3,h,w] -> [N,3,H,W], the same for all N (bilinear, antialias)."""
-        from torchvision.transforms.functional import InterpolationMode, resized_crop
+    def _check_aspect(self, size: tuple[int, int]) -> None:
+        """Warn (once per frame size) when no crop of the allowed area and aspect fits in the frame.
 
+        A crop of area ``s * W * H`` and aspect ``r`` fits when ``s * W/H <= r <= W/H / s``; when no
+        ``r`` of the range does, torchvision falls back to one centre crop, the same for every item.
+        """
+        aspect = size[1] / size[0]
+        if self.scale[0] * aspect <= self.ratio[1] and self.ratio[0] <= aspect / self.scale[0]:
+            return
+        if size not in self._warned:
+            self._warned.add(size)
+            log.warning("frames of %dx%d (aspect %.2f) cannot hold a crop of %.0f%% of their area at the output's "
+                        "aspect %.2f (%dx%d), so every item gets the same centre crop and the random crop is lost; "
+                        "train at about the videos' aspect ratio", size[1], size[0], aspect, self.scale[0] * 100,
+                        self.width / self.height, self.width, self.height)
+
+    def load(self, images: Sequence[Path], poses: Sequence[Path],
+             generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """``images`` then ``poses`` with one random resized crop for all: float32 [N,3,H,W] in 0..1.
+
+        The crop is drawn for the size of the first image; every other file is brought to that size first.
+        """
+        size = frame_size(images[0])
+        self._check_aspect(size)
         seed = int(torch.randint(2**62, (1,), generator=generator))
-        top, left, h, w = crop_params(frames.shape[-2], frames.shape[-1], self.scale, self.ratio, seed)
-        out = resized_crop(frames, top, left, h, w, [self.height, self.width], InterpolationMode.BILINEAR,
-                           antialias=True)
-        return out.clamp_(0.0, 1.0)
+        crop = crop_params(size[0], size[1], self.scale, self.ratio, seed)
+        return read_frames([*images, *poses], size, crop, (self.height, self.width)), {"size": size, "crop": crop}
 
 
 class PairDataset(_CroppedFrames):
-    """Stage 1 (TCAN section 3.1): item ``n`` -> reference frame, target frame and the target's pose image.
+    """Stage 1 of TCAN's training (paper section 3): item ``n`` -> reference frame, target frame, target's pose image.
 
     Returns ``reference`` [3,H,W] and ``target`` [1,3,H,W] in -1..1, ``poses`` [1,3,H,W] in 0..1,
-    ``clip`` (its name) and ``frames`` (reference index, target index).
+    ``clip`` (its name), ``frames`` (reference index, target index), and ``size`` (H, W) and ``crop``
+    (top, left, h, w) of the source frames (for keypoints, e.g. TPC in training).
     """
 
     def __init__(self, clips: Sequence[Clip], width: int = 512, height: int = 512, margin: int = DEFAULT_MARGIN,
@@ -358,7 +396,9 @@ class PairDataset(_CroppedFrames):
         """(reference, target) frame indices of a ``length``-frame clip, by the authors' margin rule."""
         reference = int(torch.randint(length, (1,), generator=generator))
         margin = min(self.margin, length)
-        low, high = (1, length - 1) if length < 2 * margin else (margin, length - margin - 1)
+        # The authors fall back when length < 2m; at exactly 2m their range [m, m - 1] is empty (their
+        # code raises), so the fallback covers it too.
+        low, high = (1, length - 1) if length <= 2 * margin else (margin, length - margin - 1)
         offset = int(torch.randint(low, high + 1, (1,), generator=generator))
         return reference, (reference + offset) % length
 
@@ -366,18 +406,16 @@ class PairDataset(_CroppedFrames):
         clip = self.clip_of(n)
         generator = self.generator(n)
         ref, target = self.pair(len(clip), generator)
-        images = read_frames([clip.images[ref], clip.images[target]])
-        poses = read_frames([clip.poses[target]], tuple(images.shape[-2:]))
-        out = self.crop(torch.cat([images, poses]), generator)
+        out, where = self.load([clip.images[ref], clip.images[target]], [clip.poses[target]], generator)
         return {"reference": out[0].mul(2).sub_(1), "target": out[1:2].mul(2).sub_(1), "poses": out[2:3].contiguous(),
-                "clip": clip.name, "frames": (ref, target)}
+                "clip": clip.name, "frames": (ref, target), **where}
 
 
 class ClipDataset(_CroppedFrames):
-    """Stage 2 (TCAN section 3.2): item ``n`` -> ``frames`` consecutive frames with their poses, and the first frame.
+    """Stage 2 of TCAN's training (paper section 3): item ``n`` -> ``frames`` consecutive frames, poses, first frame.
 
     Returns ``reference`` [3,H,W] (the video's first frame) and ``target`` [F,3,H,W] in -1..1,
-    ``poses`` [F,3,H,W] in 0..1, ``clip`` (its name) and ``frames`` (start, stop).
+    ``poses`` [F,3,H,W] in 0..1, ``clip`` (its name), ``frames`` (start, stop), ``size`` and ``crop`` (as stage 1).
     """
 
     def __init__(self, clips: Sequence[Clip], width: int = 512, height: int = 512, frames: int = DEFAULT_FRAMES,
@@ -400,9 +438,7 @@ class ClipDataset(_CroppedFrames):
         generator = self.generator(n)
         start = int(torch.randint(len(clip) - self.frames + 1, (1,), generator=generator))
         stop = start + self.frames
-        images = read_frames([clip.images[0], *clip.images[start:stop]])
-        poses = read_frames(clip.poses[start:stop], tuple(images.shape[-2:]))
-        out = self.crop(torch.cat([images, poses]), generator)
+        out, where = self.load([clip.images[0], *clip.images[start:stop]], clip.poses[start:stop], generator)
         count = self.frames + 1
         return {"reference": out[0].mul(2).sub_(1), "target": out[1:count].mul(2).sub_(1),
-                "poses": out[count:].contiguous(), "clip": clip.name, "frames": (start, stop)}
+                "poses": out[count:].contiguous(), "clip": clip.name, "frames": (start, stop), **where}

@@ -31,8 +31,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from tcan_core.training.data import CLIPS_FOLDER, IMAGE_SUFFIXES, IMAGES_FOLDER, KEYPOINTS_FILE, MANIFEST, \
-    POSES_FOLDER, natural_key
+from tcan_core.training.data import (CLIPS_FOLDER, IMAGE_SUFFIXES, IMAGES_FOLDER, KEYPOINTS_FILE, MANIFEST,
+                                     POSES_FOLDER, natural_key)
 from tcan_core.video_io import VIDEO_INPUT_SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,8 @@ class PrepareReport:
                 f"skipped; the training set holds {self.clips} clip(s): {self.out / MANIFEST}")
 
 
-class NoPersonError(ValueError):
-    """DWPose found nobody in any frame of a clip."""
+class SkipClip(Exception):
+    """A source that gives no clip (unreadable, no person); the message is the reason the manifest lists."""
 
 
 def _safe_name(stem: str) -> str:
@@ -115,32 +115,59 @@ def source_stamp(source: Source) -> dict:
             "source_mtime_ns": max([s.st_mtime_ns for s in stats] + [source.path.stat().st_mtime_ns])}
 
 
-def read_source(source: Source, max_frames: int | None) -> tuple[np.ndarray, float | None]:
-    """A source's frames RGB uint8 [F,H,W,3] and its frame rate (None for a frame folder)."""
-    from tcan_core.video_io import read_image, read_video
+def fit_max_side(frame: np.ndarray, max_side: int) -> np.ndarray:
+    """One frame [H,W,3] scaled down (area filter) so its longer side is at most ``max_side``; 0 keeps it."""
+    import cv2
 
-    if source.kind == "video":
-        return read_video(source.path, max_frames)
-    files = sorted((p for p in source.path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
-                   key=lambda p: natural_key(p.name))[:max_frames]
-    frames = [read_image(p) for p in files]
+    height, width = frame.shape[:2]
+    if max_side == 0 or max(height, width) <= max_side:
+        return frame
+    k = max_side / max(height, width)
+    return cv2.resize(frame, (max(1, round(width * k)), max(1, round(height * k))), interpolation=cv2.INTER_AREA)
+
+
+def _decode_video(path: Path, max_frames: int | None, max_side: int) -> tuple[list[np.ndarray], float]:
+    """A video's frames, each scaled as it is decoded (a long 4K video never sits in memory at full size)."""
+    import av
+
+    frames: list[np.ndarray] = []
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ValueError(f"{path} has no video stream")
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate
+            for frame in container.decode(stream):
+                frames.append(fit_max_side(frame.to_ndarray(format="rgb24"), max_side))
+                if max_frames is not None and len(frames) >= max_frames:
+                    break
+    except av.error.FFmpegError as exc:
+        raise ValueError(f"cannot read the video {path}: {exc}; give an mp4/mov/avi/mkv/webm/gif/webp file") from exc
+    return frames, float(rate) if rate else 12.0
+
+
+def read_source(source: Source, max_frames: int | None, max_side: int) -> tuple[np.ndarray, float | None]:
+    """A source's frames RGB uint8 [F,H,W,3], longer side at most ``max_side``, and its frame rate (None for a
+    frame folder)."""
+    from tcan_core.video_io import ANIMATED_SUFFIXES, read_image, read_video
+
+    fps: float | None = None
+    if source.kind == "video" and source.path.suffix.lower() in ANIMATED_SUFFIXES:
+        frames, fps = read_video(source.path, max_frames)
+        frames = [fit_max_side(f, max_side) for f in frames]
+    elif source.kind == "video":
+        frames, fps = _decode_video(source.path, max_frames, max_side)
+    else:
+        files = sorted((p for p in source.path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
+                       key=lambda p: natural_key(p.name))[:max_frames]
+        frames = [fit_max_side(read_image(p), max_side) for p in files]
+    if not frames:
+        raise ValueError(f"{source.path} has no readable frames")
     sizes = sorted({f.shape[:2] for f in frames})
     if len(sizes) > 1:
         shown = ", ".join(f"{w}x{h}" for h, w in sizes)
         raise ValueError(f"its frames have different sizes ({shown}); give all frames of a clip one size")
-    return np.stack(frames), None
-
-
-def fit_max_side(frames: np.ndarray, max_side: int) -> np.ndarray:
-    """Frames [F,H,W,3] scaled down (area filter) so the longer side is at most ``max_side``; 0 keeps them."""
-    import cv2
-
-    height, width = frames.shape[1:3]
-    if max_side == 0 or max(height, width) <= max_side:
-        return frames
-    k = max_side / max(height, width)
-    size = (max(1, round(width * k)), max(1, round(height * k)))
-    return np.stack([cv2.resize(f, size, interpolation=cv2.INTER_AREA) for f in frames])
+    return np.stack(frames), fps
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -220,7 +247,7 @@ def _clip_poses(frames: np.ndarray, fps: float | None, backend, progress: Callab
         result = extract_poses(frames, counted, progress=progress)
     except ValueError as exc:
         if len(counts) == len(frames) and not any(counts):
-            raise NoPersonError(f"no person found in any of its {len(frames)} frame(s)") from exc
+            raise SkipClip(f"no person found in any of its {len(frames)} frame(s)") from exc
         raise
     smoothed = smooth_poses(result.poses, fps=fps or DEFAULT_FPS).poses
     return smoothed, len(frames) - len(result.empty_frames)
@@ -240,6 +267,29 @@ def _unique(name: str, used: set[str]) -> str:
     return f"{name}-{number}"
 
 
+def _prepare_clip(source: Source, final: Path, max_frames: int | None, max_side: int, backend: Callable[[], object],
+                  progress: Callable[[int], None] | None, on_clip: Callable[[str, int], None] | None) -> dict:
+    """Read one source, find its poses, render them and write the clip to ``final``: its manifest fields.
+
+    ``backend()`` gives the DWPose backend (loaded when first needed). Raises :class:`SkipClip`
+    for a source that cannot be read or shows no person.
+    """
+    from tcan_core.pose.render import render_poses
+    from tcan_core.pose_format import to_pose_keypoint
+
+    try:
+        frames, fps = read_source(source, max_frames, max_side)
+    except (ValueError, OSError) as exc:
+        raise SkipClip(str(exc)) from exc
+    if on_clip is not None:
+        on_clip(source.name, len(frames))
+    poses, with_person = _clip_poses(frames, fps, backend(), progress)
+    height, width = frames.shape[1:3]
+    _write_clip(final, frames, render_poses(poses, width, height), to_pose_keypoint(poses))
+    return {"frames": len(frames), "fps": fps, "width": int(width), "height": int(height),
+            "frames_with_person": int(with_person)}
+
+
 def prepare_data(videos: str | Path, out: str | Path, pose_folders: Sequence[str], *,
                  max_side: int = DEFAULT_MAX_SIDE, max_frames: int | None = None, overwrite: bool = False,
                  device: str = "cpu", progress: Callable[[int], None] | None = None,
@@ -249,8 +299,13 @@ def prepare_data(videos: str | Path, out: str | Path, pose_folders: Sequence[str
 
     ``pose_folders`` are searched for the DWPose files; ``progress(n)`` is called after every
     ``n`` frames, ``on_clip(name, frames)`` when a clip's frames are read, ``say(line)`` for each
-    clip written or skipped. ``overwrite`` prepares every clip again, ignoring the cache.
+    clip written or skipped. ``overwrite`` prepares every clip again, ignoring the cache. Clips
+    of earlier runs whose source is not in ``videos`` stay in the set, so several folders can
+    be prepared into one.
     """
+    from tcan_core.pose.extract import BACKEND_DWPOSE, load_backend
+
+    # 1. Settings, sources and the output folder, before any heavy work.
     if isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < 0 or 0 < max_side < 64:
         raise ValueError(f"--max-side must be 0 (keep the frame size) or at least 64 pixels, got {max_side!r}; "
                          f"the default is {DEFAULT_MAX_SIDE}")
@@ -265,7 +320,7 @@ def prepare_data(videos: str | Path, out: str | Path, pose_folders: Sequence[str
     say = say or (lambda line: None)
     settings = {"max_side": max_side, "max_frames": max_frames}
 
-    # Entries are found again by source path, so a clip keeps its name from run to run.
+    # 2. What earlier runs did; an entry is found again by its source path, so a clip keeps its name.
     done: dict[str, dict] = {e["name"]: e for e in old.get("clips", []) if isinstance(e, dict) and "name" in e
                              and (clips_dir / str(e["name"])).is_dir()}
     passed: dict[str, dict] = {e["name"]: e for e in old.get("skipped", []) if isinstance(e, dict) and "name" in e}
@@ -273,14 +328,9 @@ def prepare_data(videos: str | Path, out: str | Path, pose_folders: Sequence[str
     used = set(done) | set(passed)
     named: list[Source] = []
     for source in sources:
-        name = by_source.get(str(source.path.resolve()))
-        if name is None:
-            name = _unique(source.name, used)
+        name = by_source.get(str(source.path.resolve())) or _unique(source.name, used)
         used.add(name)
         named.append(Source(name, source.path, source.kind))
-
-    report = PrepareReport(out)
-    backend = None
 
     def save() -> None:
         _write_json(out / MANIFEST, {
@@ -288,6 +338,15 @@ def prepare_data(videos: str | Path, out: str | Path, pose_folders: Sequence[str
             "clips": [done[n] for n in sorted(done, key=natural_key)],
             "skipped": [passed[n] for n in sorted(passed, key=natural_key)]})
 
+    loaded: list = []
+
+    def backend():
+        if not loaded:
+            loaded.append(load_backend(BACKEND_DWPOSE, pose_folders, device=device))
+        return loaded[0]
+
+    # 3. Each clip not done yet; the manifest is saved after each one.
+    report = PrepareReport(out)
     for source in named:
         stamp = source_stamp(source)
         record = {"name": source.name, "source": str(source.path.resolve()), **stamp, **settings}
@@ -299,42 +358,19 @@ def prepare_data(videos: str | Path, out: str | Path, pose_folders: Sequence[str
             say(f"skipped {source.name} (as before; --overwrite tries again): {passed[source.name]['reason']}")
             continue
         try:
-            frames, fps = read_source(source, max_frames)
-        except (ValueError, FileNotFoundError, OSError) as exc:
-            reason = str(exc)
-            frames = None
-        if frames is not None:
-            frames = fit_max_side(frames, max_side)
-            if on_clip is not None:
-                on_clip(source.name, len(frames))
-            if backend is None:
-                from tcan_core.pose.extract import BACKEND_DWPOSE, load_backend
-
-                backend = load_backend(BACKEND_DWPOSE, pose_folders, device=device)
-            try:
-                poses, with_person = _clip_poses(frames, fps, backend, progress)
-            except NoPersonError as exc:
-                reason = str(exc)
-                frames = None
-        if frames is None:
-            passed[source.name] = {**record, "reason": reason}
+            fields = _prepare_clip(source, clips_dir / source.name, max_frames, max_side, backend, progress, on_clip)
+        except SkipClip as exc:
+            passed[source.name] = {**record, "reason": str(exc)}
             done.pop(source.name, None)
             shutil.rmtree(clips_dir / source.name, ignore_errors=True)
-            report.skipped.append((source.name, reason))
-            say(f"skipped {source.name}: {reason}")
-            save()
-            continue
-        from tcan_core.pose.render import render_poses
-        from tcan_core.pose_format import to_pose_keypoint
-
-        height, width = frames.shape[1:3]
-        rendered = render_poses(poses, width, height)
-        _write_clip(clips_dir / source.name, frames, rendered, to_pose_keypoint(poses))
-        done[source.name] = {**record, "frames": int(len(frames)), "fps": fps, "width": int(width),
-                             "height": int(height), "frames_with_person": int(with_person)}
-        passed.pop(source.name, None)
-        report.written.append(source.name)
-        say(f"prepared {source.name}: {len(frames)} frames {width}x{height}, person found in {with_person}")
+            report.skipped.append((source.name, str(exc)))
+            say(f"skipped {source.name}: {exc}")
+        else:
+            done[source.name] = {**record, **fields}
+            passed.pop(source.name, None)
+            report.written.append(source.name)
+            say(f"prepared {source.name}: {fields['frames']} frames {fields['width']}x{fields['height']}, "
+                f"person found in {fields['frames_with_person']}")
         save()
     save()
     report.clips = len(done)

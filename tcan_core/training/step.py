@@ -44,7 +44,10 @@ class TrainBatch:
     ``noisy`` [B*F,4,h,w] are the noised target latents (video-major), ``noise`` the epsilon added
     to them, ``timesteps`` long [B] one per video, ``poses`` [B*F,3,H,W] the rendered pose images in
     0..1, ``reference`` [B,4,h,w] the clean reference latents and ``use_reference`` bool [B] which
-    videos read the reference (TCAN's stage 1 drops it for about 10% of the samples).
+    videos read the reference (TCAN's stage 1 drops it for about 10% of the samples). With TPC
+    (one video per batch), ``calibrated`` is (images used, each frame's index among them, driving
+    person masks [F,h,w], warped reference masks [U,h,w]) and ``calibrated_latents`` [U,4,h,w] the
+    calibrated references' latents, as :class:`~tcan_core.animation.forward.WindowInput` takes them.
     """
 
     noisy: torch.Tensor
@@ -54,6 +57,8 @@ class TrainBatch:
     reference: torch.Tensor
     use_reference: torch.Tensor
     frames: int
+    calibrated: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    calibrated_latents: torch.Tensor | None = None
 
     @property
     def videos(self) -> int:
@@ -118,6 +123,8 @@ class TrainingModel(torch.nn.Module):
         rows = batch.noisy.shape[0]
         if rows != videos * frames:
             raise ValueError(f"a batch of {rows} latents is not {videos} videos x {frames} frames")
+        if batch.calibrated is not None and videos != 1:
+            raise ValueError(f"TPC calibrates one video per batch, got {videos}; use --batch-size 1 with --tpc")
         dtype = next(self.unet.parameters()).dtype
         text = self.text.to(dtype)
         # A frozen appearance UNet needs no graph (and, shared with the denoising UNet, must not be recomputed).
@@ -130,6 +137,9 @@ class TrainingModel(torch.nn.Module):
                           text, 0, 1, temporal, run.motion)
         prepared = [hook.prepare_window(batch.poses.detach().float().movedim(1, -1).cpu()) for hook in run.hooks]
         window = WindowInput(call, text, text, text, prepared, tuple(batch.noisy.shape[-2:]), cfg=1.0,
+                             calibrated=batch.calibrated,
+                             calibrated_latents=None if batch.calibrated_latents is None
+                             else batch.calibrated_latents.to(dtype),
                              reference_rows=batch.use_reference.repeat_interleave(frames),
                              reference_index=torch.arange(videos, device=batch.noisy.device).repeat_interleave(frames))
         eps = window_forward(self.unet, self.appearance, bank, run.hooks, window)

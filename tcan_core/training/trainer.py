@@ -67,7 +67,7 @@ LOG_COLUMNS = ("step", "loss", "learning_rate", "seconds_per_step", "samples_per
 # Settings a resumed run must share with the run it continues (else the samples, noise or
 # optimizer state would not line up).
 RESUME_KEYS = ("stage", "seed", "batch_size", "grad_accum", "world_size", "width", "height", "frames", "lora_rank",
-               "lora_alpha", "lora_only", "reference_drop", "learning_rate", "ptm_tau", "mixed_precision")
+               "lora_alpha", "lora_only", "reference_drop", "learning_rate", "ptm_tau", "tpc", "mixed_precision")
 MEMORY_ADVICE = ("--mixed-precision bf16 (or fp16), --gradient-checkpointing, --use-8bit-adam (needs bitsandbytes), "
                  "--batch-size 1 with --grad-accum N for the same effective batch, a smaller --width/--height, and "
                  "in stage 2 fewer --frames")
@@ -109,6 +109,7 @@ class TrainOptions:
     use_8bit_adam: bool = False
     half_frozen: bool = True
     ptm_tau: float = 0.0
+    tpc: bool = False
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     validate_every: int = 0
@@ -168,6 +169,9 @@ class TrainOptions:
             raise ValueError(f"--ptm-tau must be >= 0 (0 is off, as the authors train), got {self.ptm_tau}")
         if self.ptm_tau > 0 and self.stage != 2:
             raise ValueError("--ptm-tau acts on the motion module's temporal attention, so it needs --stage 2")
+        if self.tpc and self.batch_size != 1:
+            raise ValueError("--tpc calibrates the reference for one clip at a time; use --batch-size 1 (with "
+                             "--grad-accum for a larger effective batch)")
         if self.ptm_tau > 0 and self.batch_size != 1:
             raise ValueError("--ptm-tau computes one temperature map per clip; use --batch-size 1 (with --grad-accum "
                              "for a larger effective batch)")
@@ -269,6 +273,7 @@ class SampleBatches(torch.utils.data.Sampler):
 
 def _collate(items: list[tuple[int, dict]]) -> dict[str, Any]:
     return {"samples": [n for n, _ in items],
+            "items": [{k: item[k] for k in ("clip", "frames", "crop", "size") if k in item} for _, item in items],
             "reference": torch.stack([item["reference"] for _, item in items]),
             "target": torch.stack([item["target"] for _, item in items]),
             "poses": torch.stack([item["poses"] for _, item in items])}
@@ -294,6 +299,15 @@ def _encode(vae: torch.nn.Module, images: torch.Tensor, noise: torch.Tensor | No
             latent = latent + dist.std.float() * noise[start:start + chunk].to(device)
         parts.append(latent)
     return torch.cat(parts) * SD15.latent_scale
+
+
+def _frames_of(sequence, frames: list[int]):
+    """The given frames of a PoseSequence, as a PoseSequence."""
+    from ..pose_format import PoseSequence
+
+    index = np.asarray(frames)
+    return PoseSequence(sequence.body[index], sequence.face[index], sequence.hands[index], sequence.people[index],
+                        sequence.width, sequence.height)
 
 
 def _check_out(options: TrainOptions) -> None:
@@ -377,18 +391,16 @@ def _optimizer(params: list[torch.nn.Parameter], options: TrainOptions) -> torch
             raise ImportError("--use-8bit-adam needs the 'bitsandbytes' package (CUDA only); install it with "
                               "`pip install bitsandbytes`, or leave the option out") from None
         return bnb.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
+    # Multi-tensor updates: the fused per-tensor loop is the default on CUDA only, and much slower on the CPU.
+    return torch.optim.AdamW(params, foreach=True, **kwargs)
 
 
-def _center_fit(images: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """[N,3,H,W] -> [N,3,height,width]: the largest centred crop of the target aspect, resized (bilinear)."""
-    import torchvision.transforms.functional as TF
-
-    h, w = images.shape[-2:]
-    scale = min(w / width, h / height)
+def _center_crop(size: tuple[int, int], width: int, height: int) -> tuple[int, int, int, int]:
+    """(top, left, h, w): the largest centred box of ``width``/``height``'s aspect in a frame of ``size`` (H, W)."""
+    frame_h, frame_w = size
+    scale = min(frame_w / width, frame_h / height)
     crop_w, crop_h = round(width * scale), round(height * scale)
-    return TF.resized_crop(images, (h - crop_h) // 2, (w - crop_w) // 2, crop_h, crop_w, [height, width],
-                           antialias=True)
+    return (frame_h - crop_h) // 2, (frame_w - crop_w) // 2, crop_h, crop_w
 
 
 def _launched_processes() -> int:
@@ -406,6 +418,7 @@ class Trainer:
     def __init__(self, options: TrainOptions, progress: bool = True,
                  on_step: Callable[[int, float], None] | None = None) -> None:
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
         from accelerate.utils import DistributedDataParallelKwargs
 
         options.check()
@@ -413,6 +426,9 @@ class Trainer:
         self.progress = progress
         self.on_step = on_step
         unused = options.stage == 1 and not options.lora_only and options.reference_drop > 0
+        # accelerate keeps one state per process; a second run in the same process (a notebook, the tests) may
+        # ask for another precision, so the mixed-precision state is reset (the process group is kept).
+        AcceleratorState._reset_state(reset_partial_state=False)
         # In stage 1 a micro-batch whose samples all drop the reference gives the appearance UNet no gradient.
         launched = _launched_processes()
         # Without a GPU accelerate joins the processes (gloo, MULTI_CPU) only when told to use the CPU; else a
@@ -443,6 +459,15 @@ class Trainer:
             self.dataset = ClipDataset(clips.clips, options.width, options.height, frames=options.frames,
                                        seed=options.seed)
         self.clips = clips
+        self.clip_by_name = {clip.name: clip for clip in clips.clips}
+        self._poses: dict[str, Any] = {}
+        if options.tpc:
+            missing = [clip.name for clip in self.dataset.clips if clip.keypoints is None]
+            if missing:
+                raise ValueError(f"--tpc needs each clip's pose keypoints, which `python -m tcan_core prepare-data` "
+                                 f"writes (poses.json); {len(missing)} clip(s) have only rendered poses (such as "
+                                 f"{missing[0]}, e.g. the authors' layout). Prepare the videos with prepare-data, or "
+                                 "train without --tpc")
         self.frames = 1 if options.stage == 1 else options.frames
         self._build_model()
 
@@ -459,7 +484,13 @@ class Trainer:
                              "run in another --out")
 
     def _build_model(self) -> None:
+        from accelerate.utils import DistributedType
+
         options, acc = self.options, self.accelerator
+        if acc.distributed_type == DistributedType.FSDP:
+            raise RuntimeError("FSDP is not supported by the TCAN trainer yet (its checkpoints, validation and weight "
+                               "files read the full parameters in one process); launch with DDP (accelerate's "
+                               f"default) and cut memory with {MEMORY_ADVICE}")
         device = acc.device
         weight_dtype = MIXED_PRECISION[options.mixed_precision]
         frozen_dtype = weight_dtype if options.half_frozen else torch.float32
@@ -527,7 +558,59 @@ class Trainer:
         reference = _encode(self.vae, loaded["reference"], None)
         noisy = self.scheduler.add_noise(latents, noise, timesteps.repeat_interleave(frames))
         poses = loaded["poses"].flatten(0, 1).to(device)
-        return TrainBatch(noisy, noise, timesteps, poses, reference, use_reference, frames)
+        calibrated = calibrated_latents = None
+        if options.tpc:
+            calibrated, images = self._calibrate(loaded["items"][0], latents.shape[-2:])
+            calibrated = tuple(part.to(device) for part in calibrated)
+            calibrated_latents = _encode(self.vae, images * 2 - 1, None)
+        return TrainBatch(noisy, noise, timesteps, poses, reference, use_reference, frames, calibrated,
+                          calibrated_latents)
+
+    def _calibrate(self, item: dict[str, Any], latent_size) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """TPC (Yoon et al., NeurIPS 2024) for one training item: the reference warped onto each target frame's
+        pose on the full frames, then given the item's crop -> (WindowInput.calibrated parts, images [U,3,H,W])."""
+        import torch.nn.functional as F
+        import torchvision.transforms.functional as TF
+
+        from ..tpc import calibrate
+        from .data import read_frames
+
+        options = self.options
+        clip = self.clip_by_name[item["clip"]]
+        sequence = self._keypoints(clip)
+        first, second = item["frames"]
+        if options.stage == 1:
+            reference, targets = first, [second]
+        else:
+            reference, targets = 0, list(range(first, second))
+        size, crop = tuple(item["size"]), tuple(item["crop"])
+        full = (0, 0, size[0], size[1])
+        image = read_frames([clip.images[reference]], size, full, size)[0].permute(1, 2, 0).numpy()
+        calibration = calibrate(image, _frames_of(sequence, [reference]), _frames_of(sequence, targets),
+                                keypoint_set="body")
+        out = [options.height, options.width]
+
+        def fit(x: torch.Tensor) -> torch.Tensor:
+            return TF.resized_crop(x, *crop, out, antialias=True)
+
+        images = fit(calibration.images.permute(0, 3, 1, 2)).clamp(0, 1)
+        key_masks = F.interpolate(fit(calibration.masks[:, None]), size=tuple(latent_size), mode="area")[:, 0]
+        query_masks = F.interpolate(fit(calibration.driving_person_masks().float()[:, None]), size=tuple(latent_size),
+                                    mode="area")[:, 0]
+        local = torch.as_tensor(calibration.frame_to_calibrated, dtype=torch.long)
+        used = torch.arange(images.shape[0])
+        return (used, local, query_masks, key_masks), images
+
+    def _keypoints(self, clip):
+        """The clip's poses (prepare-data's poses.json), read once."""
+        from ..pose.pose_json import load_pose_json
+        from ..pose_format import parse_pose_keypoint
+
+        cached = self._poses.get(clip.name)
+        if cached is None:
+            cached = parse_pose_keypoint(load_pose_json(clip.keypoints))
+            self._poses[clip.name] = cached
+        return cached
 
     def _step(self, micro_batches: list[dict[str, Any]]) -> float:
         acc, options = self.accelerator, self.options
@@ -545,6 +628,18 @@ class Trainer:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         return total / len(micro_batches)
+
+    @torch.no_grad()
+    def mean_loss(self, samples: list[int]) -> float:
+        """The epsilon loss averaged over the given sample numbers (their data, timesteps and noise), without
+        training: how well the model predicts the noise of those examples now."""
+        acc = self.accelerator
+        losses = []
+        with acc.autocast(), self.unwrapped.installed(acc.device):
+            for sample in samples:
+                loaded = _collate([(sample, self.dataset[sample])])
+                losses.append(float(self.unwrapped(self._batch(loaded))))
+        return sum(losses) / len(losses)
 
     # --- state ----------------------------------------------------------------------------------
 
@@ -590,15 +685,17 @@ class Trainer:
         from ..animation.sampler import SamplerSettings, sample_animation
         from ..animation.vae import DiffusersVAE
         from ..video_io import write_frames
-        from .data import read_frames
+        from .data import frame_size, read_frames
 
         acc, options = self.accelerator, self.options
         path = None
         if acc.is_main_process:
             clip = self.clips.clips[0]
             count = min(options.validation_frames, len(clip.images))
-            images = _center_fit(read_frames(clip.images[:count]), options.width, options.height)
-            poses = _center_fit(read_frames(clip.poses[:count]), options.width, options.height)
+            size = frame_size(clip.images[0])
+            crop, out = _center_crop(size, options.width, options.height), (options.height, options.width)
+            images = read_frames(clip.images[:count], size, crop, out)
+            poses = read_frames(clip.poses[:count], size, crop, out)
             reference = images[:1].movedim(1, -1)
             context_length = min(count, 16 if self.unwrapped.motion is None else
                                  int(self.unwrapped.motion.config.get("motion_max_seq_length", 32)))

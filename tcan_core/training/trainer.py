@@ -746,6 +746,13 @@ class Trainer:
         """Train to ``options.steps`` (from the latest checkpoint with ``--resume``) -> what was done."""
         acc, options = self.accelerator, self.options
         start = self._resume()
+        # Every process reads --out to resume; where some machines do not see it, they would start at other
+        # steps and their collectives would no longer pair up (a hang or garbage), so all must agree.
+        starts = acc.gather(torch.tensor([start], device=acc.device))
+        if bool((starts != start).any()):
+            raise ValueError(f"--resume: the processes found different checkpoints in {self.out} (steps "
+                             f"{starts.tolist()} by process); --out and --data must be on a filesystem every "
+                             "machine sees")
         result = TrainResult(step=start)
         if acc.is_main_process:
             write_json(self.out / RUN_FILE, self.settings)

@@ -156,6 +156,38 @@ def test_two_processes_with_batch_1_equal_one_process_with_batch_2(tiny_tree, da
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=LEARNING_RATE, msg=name)
 
 
+ONE_MACHINE_DOES_NOT_SEE_OUT = """
+import os, sys
+import tcan_core.training.trainer as trainer
+if os.environ["RANK"] == "1":
+    trainer.checkpoint_folders = lambda out: []
+from tcan_core.cli import main
+sys.exit(main())
+"""
+
+
+@pytest.mark.slow
+def test_resume_where_a_machine_does_not_see_out_is_refused(tiny_tree, data, tmp_path):
+    """--resume with an --out that process 1 does not see (its machine lacks the shared folder): every
+    process stops with the error instead of training from other steps (whose collectives would not pair)."""
+    out = tmp_path / "run"
+    train(options(tiny_tree, data, out, steps=1), progress=False)
+    # Mark the run as made by two processes (the launch below has two), so that the settings check lets it
+    # through to the checkpoint lookup; this test is about that lookup, not about the samples.
+    run_file = out / "run.json"
+    run_file.write_text(run_file.read_text().replace('"world_size": 1', '"world_size": 2'))
+    entry = tmp_path / "entry.py"
+    entry.write_text(ONE_MACHINE_DOES_NOT_SEE_OUT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(entry),
+               *train_command(tiny_tree, data, out, "--width", "64", "--height", "64", "--steps", "2", "--resume")[2:]]
+    done = subprocess.run(command, cwd=tmp_path, env=command_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert done.stderr.count("must be on a filesystem every machine sees") == 2, done.stderr[-3000:]
+    assert "steps [1, 0] by process" in done.stderr
+    assert [s for s, _ in checkpoint_folders(out)] == [1]
+    assert [int(r["step"]) for r in log_rows(out)] == [1]
+
+
 # --- resume and Ctrl-C -----------------------------------------------------------------------------
 
 

@@ -65,11 +65,11 @@ def data(tmp_path_factory):
     return write_videos(tmp_path_factory.mktemp("dist_data"))
 
 
-def options(tiny_tree, data, out, **extra) -> TrainOptions:
+def options(tiny_tree, data, out, stage: int = 1, **extra) -> TrainOptions:
     values = dict(FAST, base=tiny_tree.files["sd15_safetensors"], controlnet=tiny_tree.files["controlnet_ldm"],
                   width=64, height=64, steps=4)
     values.update(extra)
-    return TrainOptions(stage=1, data=data, out=out, **values)
+    return TrainOptions(stage=stage, data=data, out=out, **values)
 
 
 def log_rows(out: Path) -> list[dict[str, str]]:
@@ -200,7 +200,7 @@ def straight(tiny_tree, data, tmp_path_factory):
     return out, last_trainable(out)[1], [float(r["loss"]) for r in log_rows(out)]
 
 
-def assert_same_run(out: Path, straight) -> None:
+def assert_same_run(out: Path, straight, files: tuple[str, ...] = STAGE_FILES[1]) -> None:
     """``out`` holds the straight run's step-4 weights and losses. In one process the resumed steps run the
     same kernels on the same float32 inputs (weights and AdamW state restored bit for bit from
     safetensors), so the tolerance is float32 rounding only."""
@@ -211,7 +211,7 @@ def assert_same_run(out: Path, straight) -> None:
     for name in weights:
         torch.testing.assert_close(resumed[name], weights[name], rtol=1e-5, atol=1e-6, msg=name)
     np.testing.assert_allclose([float(r["loss"]) for r in log_rows(out)], losses, rtol=1e-5)
-    for name in STAGE_FILES[1]:
+    for name in files:
         a, b = load_file(out / name), load_file(straight_out / name)
         for key in b:
             torch.testing.assert_close(a[key].float(), b[key].float(), rtol=1e-3, atol=1e-5, msg=f"{name}: {key}")
@@ -224,6 +224,19 @@ def test_resume_continues_exactly(tiny_tree, data, straight, tmp_path):
     second = train(options(tiny_tree, data, tmp_path, steps=4, resume=True), progress=False)
     assert second.step == 4 and len(second.losses) == 2
     assert_same_run(tmp_path, straight)
+
+
+def test_stage2_resume_continues_exactly(tiny_tree, data, tmp_path):
+    """Stage 2 (motion modules and temporal ControlNet, clips of 4 frames, 2 per micro-step in 2 micro-steps):
+    4 steps straight == 2 steps, stop, --resume to 4."""
+    stage2 = dict(motion_module=tiny_tree.files["motion_v2"], frames=4, batch_size=2, grad_accum=2)
+    straight_out, half = tmp_path / "straight", tmp_path / "half"
+    train(options(tiny_tree, data, straight_out, stage=2, **stage2), progress=False)
+    train(options(tiny_tree, data, half, stage=2, steps=2, **stage2), progress=False)
+    resumed = train(options(tiny_tree, data, half, stage=2, resume=True, **stage2), progress=False)
+    assert resumed.step == 4 and len(resumed.losses) == 2
+    assert_same_run(half, (straight_out, last_trainable(straight_out)[1],
+                           [float(r["loss"]) for r in log_rows(straight_out)]), STAGE_FILES[2])
 
 
 def test_ctrl_c_saves_a_checkpoint_stops_and_resume_continues(tiny_tree, data, straight, tmp_path):

@@ -66,43 +66,47 @@ def options(tree, data, out, stage=1, **extra) -> TrainOptions:
 
 
 HELD_OUT = list(range(5000, 5006))
+# The samples of the first optimizer steps (batch 2): their loss is measured before and after training.
+TRAINED = list(range(0, 6))
+
+
+def _losses(trainer: Trainer) -> tuple[float, float]:
+    return trainer.mean_loss(TRAINED), trainer.mean_loss(HELD_OUT)
 
 
 @pytest.fixture(scope="module")
 def stage1(tree, data, tmp_path_factory):
     trainer = Trainer(options(tree, data, tmp_path_factory.mktemp("stage1"), steps=20, batch_size=2), progress=False)
-    before = trainer.mean_loss(HELD_OUT)
+    before = _losses(trainer)
     run = trainer.run()
-    return run, before, trainer.mean_loss(HELD_OUT)
+    return run, before, _losses(trainer)
 
 
 @pytest.fixture(scope="module")
 def stage2(tree, data, stage1, tmp_path_factory):
     files = stage1[0].files
-    trainer = Trainer(options(tree, data, tmp_path_factory.mktemp("stage2"), stage=2, steps=12,
+    trainer = Trainer(options(tree, data, tmp_path_factory.mktemp("stage2"), stage=2, steps=12, batch_size=2,
                               appearance=files["appearance_unet.safetensors"], lora=files["appa_lora.safetensors"]),
                       progress=False)
-    before = trainer.mean_loss(HELD_OUT)
+    before = _losses(trainer)
     run = trainer.run()
-    return run, before, trainer.mean_loss(HELD_OUT)
+    return run, before, _losses(trainer)
 
 
-def _falls(losses: list[float]) -> tuple[float, float]:
-    return float(np.mean(losses[:5])), float(np.mean(losses[-5:]))
+def _check_falls(run, before, after, steps: int, trained: float, held_out: float) -> None:
+    """The logged loss falls, and on fixed examples (same data, timestep and noise, so no sampling noise) the
+    loss of the first steps' samples falls by the factor ``trained`` and that of unseen samples by ``held_out``."""
+    assert len(run.losses) == steps and np.mean(run.losses[-5:]) < np.mean(run.losses[:5]), run.losses
+    assert after[0] < trained * before[0], (before, after)
+    assert after[1] < held_out * before[1], (before, after)
 
 
 def test_stage1_loss_falls_and_held_out_noise_is_predicted_better(stage1):
-    run, before, after = stage1
-    first, last = _falls(run.losses)
-    assert len(run.losses) == 20 and last < 0.92 * first, run.losses
-    assert after < 0.9 * before, (before, after)
+    _check_falls(*stage1, steps=20, trained=0.85, held_out=0.9)
 
 
 def test_stage2_loss_falls_and_held_out_noise_is_predicted_better(stage2):
-    run, before, after = stage2
-    first, last = _falls(run.losses)
-    assert len(run.losses) == 12 and last < 0.9 * first, run.losses
-    assert after < 0.95 * before, (before, after)
+    _check_falls(*stage2, steps=12, trained=0.9, held_out=0.9)
 
 
 def test_each_stage_writes_its_files_with_metadata(stage1, stage2):

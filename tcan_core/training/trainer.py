@@ -429,11 +429,11 @@ class Trainer:
         # accelerate keeps one state per process; a second run in the same process (a notebook, the tests) may
         # ask for another precision, so the mixed-precision state is reset (the process group is kept).
         AcceleratorState._reset_state(reset_partial_state=False)
-        # In stage 1 a micro-batch whose samples all drop the reference gives the appearance UNet no gradient.
         launched = _launched_processes()
         # Without a GPU accelerate joins the processes (gloo, MULTI_CPU) only when told to use the CPU; else a
         # torchrun or `accelerate launch --multi_gpu` start gives N independent runs writing the same files.
         cpu = launched > 1 and not torch.accelerator.is_available()
+        # In stage 1 a micro-batch whose samples all drop the reference gives the appearance UNet no gradient.
         self.accelerator = Accelerator(mixed_precision=options.mixed_precision, cpu=cpu, kwargs_handlers=[
             DistributedDataParallelKwargs(find_unused_parameters=unused)])
         acc = self.accelerator

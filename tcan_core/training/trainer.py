@@ -38,6 +38,7 @@ import csv
 import json
 import logging
 import math
+import os
 import shutil
 import signal
 import threading
@@ -406,6 +407,15 @@ def _center_crop(size: tuple[int, int], width: int, height: int) -> tuple[int, i
     return (frame_h - crop_h) // 2, (frame_w - crop_w) // 2, crop_h, crop_w
 
 
+def _launched_processes() -> int:
+    """How many processes the launcher (torchrun, accelerate launch, mpirun) started, read from its environment."""
+    for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 1
+
+
 class Trainer:
     """One training run: set up by :meth:`__init__`, run by :meth:`run` (see the module docstring)."""
 
@@ -423,10 +433,19 @@ class Trainer:
         # accelerate keeps one state per process; a second run in the same process (a notebook, the tests) may
         # ask for another precision, so the mixed-precision state is reset (the process group is kept).
         AcceleratorState._reset_state(reset_partial_state=False)
+        launched = _launched_processes()
+        # Without a GPU accelerate joins the processes (gloo, MULTI_CPU) only when told to use the CPU; else a
+        # torchrun or `accelerate launch --multi_gpu` start gives N independent runs writing the same files.
+        cpu = launched > 1 and not torch.accelerator.is_available()
         # In stage 1 a micro-batch whose samples all drop the reference gives the appearance UNet no gradient.
-        self.accelerator = Accelerator(mixed_precision=options.mixed_precision, kwargs_handlers=[
+        self.accelerator = Accelerator(mixed_precision=options.mixed_precision, cpu=cpu, kwargs_handlers=[
             DistributedDataParallelKwargs(find_unused_parameters=unused)])
         acc = self.accelerator
+        if launched > 1 and acc.num_processes != launched:
+            raise RuntimeError(f"the launcher started {launched} processes but accelerate joined {acc.num_processes} "
+                               f"({acc.distributed_type}); each would train alone and overwrite the others' files. "
+                               "Launch with `accelerate launch --multi_gpu` or torchrun on GPUs, or set "
+                               "ACCELERATE_USE_CPU=1 to train on the CPU")
         self.out = Path(options.out)
         if acc.is_main_process:
             _check_out(options)
@@ -731,6 +750,13 @@ class Trainer:
         """Train to ``options.steps`` (from the latest checkpoint with ``--resume``) -> what was done."""
         acc, options = self.accelerator, self.options
         start = self._resume()
+        # Every process reads --out to resume; where some machines do not see it, they would start at other
+        # steps and their collectives would no longer pair up (a hang or garbage), so all must agree.
+        starts = acc.gather(torch.tensor([start], device=acc.device))
+        if bool((starts != start).any()):
+            raise ValueError(f"--resume: the processes found different checkpoints in {self.out} (steps "
+                             f"{starts.tolist()} by process); --out and --data must be on a filesystem every "
+                             "machine sees")
         result = TrainResult(step=start)
         if acc.is_main_process:
             write_json(self.out / RUN_FILE, self.settings)

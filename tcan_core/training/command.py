@@ -35,6 +35,11 @@ def _train(args: argparse.Namespace) -> int:
     except (FileExistsError, TrainingOutOfMemory, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        # Under a launcher every process returns here; only the main one reports.
+        return 130 if result.interrupted else 0
     if result.interrupted:
         print(f"interrupted at step {result.step}; checkpoint {result.checkpoint}. Continue with the same command "
               "and --resume.", flush=True)

@@ -191,7 +191,18 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
                          "give a PNG or JPEG file") from exc
 
 
-def _read_animated(path: Path, max_frames: int | None) -> tuple[np.ndarray, float]:
+def fit_max_side(frame: np.ndarray, max_side: int) -> np.ndarray:
+    """One frame [H,W,3] scaled down (area filter) so its longer side is at most ``max_side``; 0 keeps it."""
+    import cv2
+
+    height, width = frame.shape[:2]
+    if max_side == 0 or max(height, width) <= max_side:
+        return frame
+    k = max_side / max(height, width)
+    return cv2.resize(frame, (max(1, round(width * k)), max(1, round(height * k))), interpolation=cv2.INTER_AREA)
+
+
+def _read_animated(path: Path, max_frames: int | None, max_side: int = 0) -> tuple[np.ndarray, float]:
     """An animated GIF or WebP through Pillow (FFmpeg does not decode animated WebP)."""
     from PIL import Image, ImageSequence, UnidentifiedImageError
 
@@ -200,7 +211,7 @@ def _read_animated(path: Path, max_frames: int | None) -> tuple[np.ndarray, floa
     try:
         with Image.open(path) as image:
             for frame in ImageSequence.Iterator(image):
-                frames.append(np.array(frame.convert("RGB")))
+                frames.append(fit_max_side(np.array(frame.convert("RGB")), max_side))
                 durations.append(float(frame.info.get("duration") or 0.0))
                 if max_frames is not None and len(frames) >= max_frames:
                     break
@@ -211,8 +222,12 @@ def _read_animated(path: Path, max_frames: int | None) -> tuple[np.ndarray, floa
     return np.ascontiguousarray(np.stack(frames)), (1000.0 / mean if mean > 0 else 12.0)
 
 
-def read_video(path: str | os.PathLike, max_frames: int | None = None) -> tuple[np.ndarray, float]:
-    """A video file -> (RGB uint8 [F,H,W,3], fps); says when the file does not exist or cannot be decoded."""
+def read_video(path: str | os.PathLike, max_frames: int | None = None, max_side: int = 0) -> tuple[np.ndarray, float]:
+    """A video file -> (RGB uint8 [F,H,W,3], fps); says when the file does not exist or cannot be decoded.
+
+    ``max_side`` > 0 scales each frame down as it is decoded so its longer side is at most that, so a
+    long 4K video never sits in memory at full size.
+    """
     import av
 
     path = Path(path)
@@ -221,7 +236,7 @@ def read_video(path: str | os.PathLike, max_frames: int | None = None) -> tuple[
     if max_frames is not None and max_frames < 1:
         raise ValueError(f"max_frames must be at least 1, got {max_frames}")
     if path.suffix.lower() in ANIMATED_SUFFIXES:
-        return _read_animated(path, max_frames)
+        return _read_animated(path, max_frames, max_side)
     frames: list[np.ndarray] = []
     try:
         with av.open(str(path)) as container:
@@ -231,7 +246,7 @@ def read_video(path: str | os.PathLike, max_frames: int | None = None) -> tuple[
             rate = stream.average_rate or stream.guessed_rate
             fps = float(rate) if rate else 12.0
             for frame in container.decode(stream):
-                frames.append(frame.to_ndarray(format="rgb24"))
+                frames.append(fit_max_side(frame.to_ndarray(format="rgb24"), max_side))
                 if max_frames is not None and len(frames) >= max_frames:
                     break
     except av.error.FFmpegError as exc:

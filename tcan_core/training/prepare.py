@@ -115,53 +115,19 @@ def source_stamp(source: Source) -> dict:
             "source_mtime_ns": max([s.st_mtime_ns for s in stats] + [source.path.stat().st_mtime_ns])}
 
 
-def fit_max_side(frame: np.ndarray, max_side: int) -> np.ndarray:
-    """One frame [H,W,3] scaled down (area filter) so its longer side is at most ``max_side``; 0 keeps it."""
-    import cv2
-
-    height, width = frame.shape[:2]
-    if max_side == 0 or max(height, width) <= max_side:
-        return frame
-    k = max_side / max(height, width)
-    return cv2.resize(frame, (max(1, round(width * k)), max(1, round(height * k))), interpolation=cv2.INTER_AREA)
-
-
-def _decode_video(path: Path, max_frames: int | None, max_side: int) -> tuple[list[np.ndarray], float]:
-    """A video's frames, each scaled as it is decoded (a long 4K video never sits in memory at full size)."""
-    import av
-
-    frames: list[np.ndarray] = []
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise ValueError(f"{path} has no video stream")
-            stream = container.streams.video[0]
-            rate = stream.average_rate or stream.guessed_rate
-            for frame in container.decode(stream):
-                frames.append(fit_max_side(frame.to_ndarray(format="rgb24"), max_side))
-                if max_frames is not None and len(frames) >= max_frames:
-                    break
-    except av.error.FFmpegError as exc:
-        raise ValueError(f"cannot read the video {path}: {exc}; give an mp4/mov/avi/mkv/webm/gif/webp file") from exc
-    return frames, float(rate) if rate else 12.0
-
-
 def read_source(source: Source, max_frames: int | None, max_side: int) -> tuple[np.ndarray, float | None]:
     """A source's frames RGB uint8 [F,H,W,3], longer side at most ``max_side``, and its frame rate (None for a
     frame folder)."""
-    from tcan_core.video_io import ANIMATED_SUFFIXES, read_image, read_video
+    from tcan_core.video_io import fit_max_side, read_image, read_video
 
     fps: float | None = None
-    if source.kind == "video" and source.path.suffix.lower() in ANIMATED_SUFFIXES:
-        frames, fps = read_video(source.path, max_frames)
-        frames = [fit_max_side(f, max_side) for f in frames]
-    elif source.kind == "video":
-        frames, fps = _decode_video(source.path, max_frames, max_side)
+    if source.kind == "video":
+        frames, fps = read_video(source.path, max_frames, max_side)
     else:
         files = sorted((p for p in source.path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
                        key=lambda p: natural_key(p.name))[:max_frames]
         frames = [fit_max_side(read_image(p), max_side) for p in files]
-    if not frames:
+    if len(frames) == 0:
         raise ValueError(f"{source.path} has no readable frames")
     sizes = sorted({f.shape[:2] for f in frames})
     if len(sizes) > 1:

@@ -134,6 +134,14 @@ class _TemporalHook:
         return self.motion_module(hidden_states, num_frames=frames)
 
 
+def _autocast_on(device_type: str) -> bool:
+    """Autocast is on for ``device_type`` (torch 2.4+ takes the type; older torch has one flag per device)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
 def check_placement(model: torch.nn.Module, modules: Sequence[torch.nn.Module], source: str) -> None:
     """Temporal layers must live on the model's device and, unless autocast is on, in its dtype before a call.
 
@@ -144,7 +152,7 @@ def check_placement(model: torch.nn.Module, modules: Sequence[torch.nn.Module], 
     layer = next((p for m in modules for p in m.parameters()), None)
     if reference is None or layer is None:
         return
-    dtype_differs = layer.dtype != reference.dtype and not torch.is_autocast_enabled(reference.device.type)
+    dtype_differs = layer.dtype != reference.dtype and not _autocast_on(reference.device.type)
     if layer.device != reference.device or dtype_differs:
         raise ValueError(f"{source} is on {layer.device} in {layer.dtype} but {type(model).__name__} is on "
                          f"{reference.device} in {reference.dtype}; move it with .to(device, dtype) first")

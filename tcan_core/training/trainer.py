@@ -57,6 +57,8 @@ from .step import TrainBatch, TrainingModel
 
 log = logging.getLogger(__name__)
 
+# torch.OutOfMemoryError is torch 2.5+; earlier versions raise the CUDA one only.
+_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 MIXED_PRECISION = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 APPA_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn2.to_q", "attn2.to_k", "attn2.to_v")
 RUN_FILE = "run.json"
@@ -436,7 +438,9 @@ class Trainer:
         launched = _launched_processes()
         # Without a GPU accelerate joins the processes (gloo, MULTI_CPU) only when told to use the CPU; else a
         # torchrun or `accelerate launch --multi_gpu` start gives N independent runs writing the same files.
-        cpu = launched > 1 and not torch.accelerator.is_available()
+        # torch.accelerator (torch 2.6+) also sees XPU/MPS; older torch, which ComfyUI may have, knows only CUDA here.
+        devices = getattr(torch, "accelerator", None)
+        cpu = launched > 1 and not (devices.is_available() if devices is not None else torch.cuda.is_available())
         # In stage 1 a micro-batch whose samples all drop the reference gives the appearance UNet no gradient.
         self.accelerator = Accelerator(mixed_precision=options.mixed_precision, cpu=cpu, kwargs_handlers=[
             DistributedDataParallelKwargs(find_unused_parameters=unused)])
@@ -781,7 +785,7 @@ class Trainer:
                     micro = [next(iterator) for _ in range(options.grad_accum)]
                     try:
                         loss = self._step(micro)
-                    except torch.OutOfMemoryError as exc:
+                    except _OUT_OF_MEMORY as exc:
                         raise TrainingOutOfMemory(f"out of memory in training step {step + 1} at {options.width}x"
                                                   f"{options.height}, batch {options.batch_size}"
                                                   f"{'' if options.stage == 1 else f', {options.frames} frames'}; "

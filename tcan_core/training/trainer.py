@@ -316,8 +316,9 @@ def _frames_of(sequence, frames: list[int]):
                         sequence.width, sequence.height)
 
 
-def _check_out(options: TrainOptions) -> None:
-    """Refuse to overwrite a run unless --resume or --overwrite says what to do; clear it for --overwrite."""
+def _check_out(options: TrainOptions, remove: bool) -> None:
+    """Refuse to overwrite a run unless --resume or --overwrite says what to do; clear it for --overwrite when
+    ``remove`` (the main process; every process checks, so all of them stop on a refusal)."""
     out = Path(options.out)
     ours = [RUN_FILE, LOG_FILE, VALIDATION, TENSORBOARD, "checkpoints", *STAGE_FILES[1], *STAGE_FILES[2]]
     present = [name for name in ours if (out / name).exists()]
@@ -331,7 +332,7 @@ def _check_out(options: TrainOptions) -> None:
         what = f"a run with a checkpoint at step {done[-1][0]}" if done else "files of an earlier run"
         raise FileExistsError(f"--out {out} already holds {what} ({', '.join(present)}); pass --resume to continue "
                               "it, --overwrite to delete it and start again, or choose another --out")
-    for name in present:
+    for name in present if remove else ():
         target = out / name
         shutil.rmtree(target) if target.is_dir() else target.unlink()
 
@@ -451,8 +452,8 @@ class Trainer:
                                "Launch with `accelerate launch --multi_gpu` or torchrun on GPUs, or set "
                                "ACCELERATE_USE_CPU=1 to train on the CPU")
         self.out = Path(options.out)
+        _check_out(options, remove=acc.is_main_process)
         if acc.is_main_process:
-            _check_out(options)
             self.out.mkdir(parents=True, exist_ok=True)
         acc.wait_for_everyone()
         self.settings = options.settings(acc.num_processes)

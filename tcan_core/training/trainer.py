@@ -323,7 +323,8 @@ def _check_out(options: TrainOptions, remove: bool) -> None:
     ours = [RUN_FILE, LOG_FILE, VALIDATION, TENSORBOARD, "checkpoints", *STAGE_FILES[1], *STAGE_FILES[2]]
     present = [name for name in ours if (out / name).exists()]
     if options.resume:
-        if not checkpoint_folders(out):
+        # Only the main process decides: one that cannot see --out gets the shared-filesystem error in run().
+        if remove and not checkpoint_folders(out):
             raise FileNotFoundError(f"--resume: {out} holds no checkpoint to continue from; run without --resume to "
                                     "start a new run there")
         return

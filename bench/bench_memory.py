@@ -170,14 +170,21 @@ def worker(spec: dict) -> dict:
     return {"denoise": phases["denoise"], "decode": phases["decode"], "latents": latents, "decoded": decoded}
 
 
-def run_case(spec: dict) -> dict:
-    """Run :func:`worker` for ``spec`` in a fresh Python process and return its result."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env, cwd=ROOT,
+def run_worker(script: str | Path, spec: dict, env: dict | None = None) -> dict:
+    """``python script --worker SPEC`` in a fresh process -> the JSON on its last line. ``env`` defaults to
+    this one's with ``MALLOC_MMAP_THRESHOLD_`` set, so freed tensors go back to the system and the peak
+    resident memory measures the case alone."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536") if env is None else env
+    done = subprocess.run([sys.executable, str(script), "--worker", json.dumps(spec)], env=env, cwd=ROOT,
                           capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"benchmark case {spec} failed:\n{done.stderr}")
+        raise RuntimeError(f"benchmark case {spec} of {Path(script).name} failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_case(spec: dict) -> dict:
+    """Run :func:`worker` for ``spec`` in a fresh Python process and return its result."""
+    return run_worker(__file__, spec)
 
 
 def main() -> None:

@@ -28,13 +28,15 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_memory import run_worker  # noqa: E402
 
 CASES = ((64, 320), (32, 640))
 SCOPES = ("attention", "layer")
@@ -146,21 +148,12 @@ def worker(spec: dict) -> dict:
     return {"peak_bytes": max(peak, 0), "seconds": statistics.median(times) if times else None}
 
 
-def run_worker(spec: dict, env: dict) -> dict:
-    """Run :func:`worker` for ``spec`` in a fresh Python process with ``env`` and return its result."""
-    done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env, cwd=ROOT,
-                          capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"benchmark case {spec} failed:\n{done.stderr}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def run_case(spec: dict) -> dict:
     """Peak memory and median time of one case (on the CPU from two processes, see the module docstring)."""
     if spec["device"] != "cpu":
-        return run_worker(spec, dict(os.environ))
-    memory = run_worker(dict(spec, repeats=0), dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536"))
-    timing = run_worker(spec, {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"})
+        return run_worker(__file__, spec, dict(os.environ))
+    memory = run_worker(__file__, dict(spec, repeats=0), dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536"))
+    timing = run_worker(__file__, spec, {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"})
     return {"peak_bytes": memory["peak_bytes"], "seconds": timing["seconds"]}
 
 

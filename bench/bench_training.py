@@ -80,9 +80,7 @@ import contextlib
 import copy
 import gc
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -98,7 +96,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_memory import PeakMeter  # noqa: E402
+from bench_memory import PeakMeter, run_worker  # noqa: E402
 from bench_flops import flops  # noqa: E402
 from bench_sampler import full_size_modules, walking_poses  # noqa: E402
 
@@ -476,14 +474,11 @@ def gpu_like_kernels(autocast: bool) -> Any:
 @contextlib.contextmanager
 def label_temporal_layers(model: TrainingModel, saved: SavedTensors) -> Any:
     """Label each call of a motion-module or temporal-ControlNet layer (AnimateDiff's temporal transformer) in
-    ``saved`` for the ``with`` block -> {"inputs": bytes of the inputs of the calls made outside any block}."""
-    found = {"inputs": 0}
+    ``saved`` for the ``with`` block."""
     calls = [0]
 
     def enter(module, args):
         calls[0] += 1
-        if not any(kind == "block" for kind, _ in saved.current):
-            found["inputs"] += _nbytes(args[0])
         saved.current.append(("temporal", calls[0]))
 
     def leave(module, args, output):
@@ -495,7 +490,7 @@ def label_temporal_layers(model: TrainingModel, saved: SavedTensors) -> Any:
             if type(module).__name__ == "AnimateDiffTransformer3D":
                 handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
     try:
-        yield found
+        yield
     finally:
         for handle in handles:
             handle.remove()
@@ -517,7 +512,7 @@ def activation_bytes(stage: int, size: int, frames: int, dtype: torch.dtype, tin
             module.enable_gradient_checkpointing(recorder)
         model.train()
         with (installed_on_meta(model, checkpoint) as (run, bank), gpu_like_kernels(dtype == torch.bfloat16),
-              label_temporal_layers(model, saved) as temporal, saved):
+              label_temporal_layers(model, saved), saved):
             loss = meta_loss(model, run, bank, size, frames)
         if recorder.calls == 0:
             raise RuntimeError("no block went through gradient checkpointing; diffusers' checkpointing hook changed")
@@ -675,12 +670,7 @@ def cpu_worker(spec: dict) -> dict:
 
 def run_cpu_case(spec: dict) -> dict:
     """:func:`cpu_worker` in a fresh Python process."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env, cwd=ROOT,
-                          capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"CPU training case {spec} failed:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_worker(__file__, spec)
 
 
 def print_cpu(steps: int) -> None:

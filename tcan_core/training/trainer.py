@@ -230,15 +230,13 @@ class StopRequest:
             signal.signal(signal.SIGINT, previous)
 
 
-def sample_seed(seed: int, sample: int, stream: int) -> int:
-    """The generator seed of one sample's ``stream`` of random draws (0: data, 1: noise), below 2**63."""
-    return ((int(seed) * 1_000_003 + int(sample)) * 16 + int(stream)) % (2**63 - 1)
-
-
 def sample_noise(seed: int, sample: int, frames: int, latent_shape: tuple[int, int, int],
                  reference_drop: float) -> tuple[int, bool, torch.Tensor, torch.Tensor]:
-    """One sample's timestep, reference drop, diffusion noise [F,4,h,w] and VAE posterior noise [F,4,h,w]."""
-    generator = torch.Generator().manual_seed(sample_seed(seed, sample, 1))
+    """One sample's timestep, reference drop, diffusion noise [F,4,h,w] and VAE posterior noise [F,4,h,w], drawn
+    from a generator seeded like the dataset's (:func:`~tcan_core.training.data.mix_seed`), on its own stream."""
+    from .data import mix_seed
+
+    generator = torch.Generator().manual_seed(mix_seed("noise", seed, sample))
     timestep = int(torch.randint(0, SD15.schedule["num_train_timesteps"], (1,), generator=generator))
     drop = bool(torch.rand(1, generator=generator) < reference_drop)
     noise = torch.randn((frames, *latent_shape), generator=generator)

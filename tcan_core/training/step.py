@@ -48,6 +48,8 @@ class TrainBatch:
     (one video per batch), ``calibrated`` is (images used, each frame's index among them, driving
     person masks [F,h,w], warped reference masks [U,h,w]) and ``calibrated_latents`` [U,4,h,w] the
     calibrated references' latents, as :class:`~tcan_core.animation.forward.WindowInput` takes them.
+    ``pose_images`` [B*F,H,W,3] are the same poses on the CPU, for hooks that prepare window data
+    (PTM); None copies them from ``poses``.
     """
 
     noisy: torch.Tensor
@@ -59,6 +61,7 @@ class TrainBatch:
     frames: int
     calibrated: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     calibrated_latents: torch.Tensor | None = None
+    pose_images: torch.Tensor | None = None
 
     @property
     def videos(self) -> int:
@@ -136,12 +139,18 @@ class TrainingModel(torch.nn.Module):
         temporal = frames if self.motion is not None else None
         call = WindowCall(batch.noisy.to(dtype), batch.timesteps.repeat_interleave(frames), batch.poses.to(dtype),
                           text, 0, 1, temporal, run.motion)
-        prepared = [hook.prepare_window(batch.poses.detach().float().movedim(1, -1).cpu()) for hook in run.hooks]
+        pose_images = batch.pose_images
+        if pose_images is None:
+            pose_images = batch.poses.detach().float().movedim(1, -1).cpu()
+        prepared = [hook.prepare_window(pose_images) for hook in run.hooks]
+        # One video shares its one stored reference with every row; several are gathered per row.
+        reference_index = (None if videos == 1 else
+                           torch.arange(videos, device=batch.noisy.device).repeat_interleave(frames))
         window = WindowInput(call, text, text, text, prepared, tuple(batch.noisy.shape[-2:]), cfg=1.0,
                              calibrated=batch.calibrated,
                              calibrated_latents=None if batch.calibrated_latents is None
                              else batch.calibrated_latents.to(dtype),
                              reference_rows=batch.use_reference.repeat_interleave(frames),
-                             reference_index=torch.arange(videos, device=batch.noisy.device).repeat_interleave(frames))
+                             reference_index=reference_index)
         eps = window_forward(self.unet, self.appearance, bank, run.hooks, window)
         return F.mse_loss(eps.float(), batch.noise.float())

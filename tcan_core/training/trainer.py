@@ -565,14 +565,15 @@ class Trainer:
         latents = _encode(self.vae, target, posterior)
         reference = _encode(self.vae, loaded["reference"], None)
         noisy = self.scheduler.add_noise(latents, noise, timesteps.repeat_interleave(frames))
-        poses = loaded["poses"].flatten(0, 1).to(device)
+        pose_images = loaded["poses"].flatten(0, 1)
+        poses = pose_images.to(device)
         calibrated = calibrated_latents = None
         if options.tpc:
             calibrated, images = self._calibrate(loaded["items"][0], latents.shape[-2:])
             calibrated = tuple(part.to(device) for part in calibrated)
             calibrated_latents = _encode(self.vae, images * 2 - 1, None)
         return TrainBatch(noisy, noise, timesteps, poses, reference, use_reference, frames, calibrated,
-                          calibrated_latents)
+                          calibrated_latents, pose_images.movedim(1, -1))
 
     def _calibrate(self, item: dict[str, Any], latent_size) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """TPC (Yoon et al., NeurIPS 2024) for one training item: the reference warped onto each target frame's
